@@ -1,0 +1,339 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// Defaults match Istio's in-pod ztunnel, so tooling and habits carry over.
+const (
+	DefaultPinRoot      = "/sys/fs/bpf/sluice"
+	DefaultInstance     = "default"
+	DefaultMark         = 0x539
+	DefaultMarkMask     = 0xfff
+	DefaultOutboundPort = 15001
+	DefaultInboundPort  = 15006
+	DefaultHBONEPort    = 15008
+	DefaultDNSPort      = 15053
+)
+
+const (
+	cfgCaptureDNS = 1 << 0
+	cfgAccelerate = 1 << 1
+)
+
+// Config says where and how to capture. The zero value is the production default.
+type Config struct {
+	// PinRoot is the bpffs directory holding every instance (default /sys/fs/bpf/sluice).
+	PinRoot string
+	// Instance names this agent's pin directory under PinRoot (default "default"). The lab
+	// runs one instance per simulated node on one kernel.
+	Instance string
+	// CgroupPath is the cgroup2 directory the cgroup programs attach to; every pod's
+	// cgroup must be below it (default: the cgroup2 mount root).
+	CgroupPath string
+	// Mark and MarkMask identify ztunnel's own sockets (SO_MARK), which are never captured
+	// (default 0x539/0xfff).
+	Mark, MarkMask uint32
+	// Ports of ztunnel's in-pod listeners (defaults 15001, 15006, 15008, 15053).
+	OutboundPort, InboundPort, HBONEPort, DNSPort uint16
+	// CaptureDNS steers UDP and TCP port 53 from enrolled pods to DNSPort.
+	CaptureDNS bool
+	// Accelerate short-cuts the application <-> ztunnel loopback hop with sk_msg.
+	Accelerate bool
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+func (c Config) withDefaults() (Config, error) {
+	if c.PinRoot == "" {
+		c.PinRoot = DefaultPinRoot
+	}
+	if c.Instance == "" {
+		c.Instance = DefaultInstance
+	}
+	if c.Mark == 0 {
+		c.Mark, c.MarkMask = DefaultMark, DefaultMarkMask
+	}
+	if c.MarkMask == 0 {
+		c.MarkMask = 0xffffffff
+	}
+	if c.OutboundPort == 0 {
+		c.OutboundPort = DefaultOutboundPort
+	}
+	if c.InboundPort == 0 {
+		c.InboundPort = DefaultInboundPort
+	}
+	if c.HBONEPort == 0 {
+		c.HBONEPort = DefaultHBONEPort
+	}
+	if c.DNSPort == 0 {
+		c.DNSPort = DefaultDNSPort
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.CgroupPath == "" {
+		p, err := Cgroup2Root()
+		if err != nil {
+			return c, err
+		}
+		c.CgroupPath = p
+	}
+	return c, nil
+}
+
+// PinDir is the directory holding this instance's maps and links.
+func (c Config) PinDir() string {
+	root, inst := c.PinRoot, c.Instance
+	if root == "" {
+		root = DefaultPinRoot
+	}
+	if inst == "" {
+		inst = DefaultInstance
+	}
+	return filepath.Join(root, inst)
+}
+
+// Capture is a loaded and attached set of capture programs. Close releases this process's
+// handles; the pinned programs keep capturing until Uninstall.
+type Capture struct {
+	cfg    Config
+	log    *slog.Logger
+	pinDir string
+
+	connect  connectObjects
+	sockopt  sockoptObjects
+	sockops  sockopsObjects
+	sklookup sklookupObjects
+	skmsg    skmsgObjects
+}
+
+// cgroupAttachment is one program attached to the cgroup, pinned under links/<name>.
+type cgroupAttachment struct {
+	name   string
+	attach ebpf.AttachType
+	prog   *ebpf.Program
+}
+
+// Load loads the programs, creates or reuses the pinned maps, writes the configuration
+// and attaches the cgroup programs, swapping the program inside an existing pinned link
+// so that a restart leaves no gap.
+func Load(cfg Config) (*Capture, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if err := CheckKernel(); err != nil {
+		return nil, err
+	}
+	c := &Capture{cfg: cfg, log: cfg.Logger, pinDir: cfg.PinDir()}
+	if err := c.load(); err != nil {
+		return nil, errors.Join(err, c.Close())
+	}
+	c.log.Info("capture programs loaded", "pinDir", c.pinDir, "cgroup", cfg.CgroupPath,
+		"captureDNS", cfg.CaptureDNS, "accelerate", cfg.Accelerate)
+	return c, nil
+}
+
+func (c *Capture) load() error {
+	cfg := c.cfg
+	for _, dir := range []string{c.pinDir, c.linkDir(), c.netnsDir()} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create pin directory (is bpffs mounted at %s?): %w", cfg.PinRoot, err)
+		}
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: c.pinDir}}
+	loaders := []struct {
+		name string
+		load func() error
+	}{
+		{"connect", func() error { return loadConnectObjects(&c.connect, opts) }},
+		{"sockopt", func() error { return loadSockoptObjects(&c.sockopt, opts) }},
+		{"sockops", func() error { return loadSockopsObjects(&c.sockops, opts) }},
+		{"sk_lookup", func() error { return loadSklookupObjects(&c.sklookup, opts) }},
+		{"sk_msg", func() error { return loadSkmsgObjects(&c.skmsg, opts) }},
+	}
+	for _, l := range loaders {
+		if err := l.load(); err != nil {
+			return fmt.Errorf("load %s programs: %w", l.name, verifierError(err))
+		}
+	}
+	if err := c.writeConfig(); err != nil {
+		return err
+	}
+	for _, a := range c.cgroupAttachments() {
+		if err := c.attachCgroup(a); err != nil {
+			return err
+		}
+	}
+	// sk_msg is attached to the local_hop map itself; attaching again replaces the
+	// program in place. Sockets only enter local_hop when Accelerate is on.
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target:  c.sockops.LocalHop.FD(),
+		Program: c.skmsg.SluiceSkMsg,
+		Attach:  ebpf.AttachSkMsgVerdict,
+	}); err != nil {
+		return fmt.Errorf("attach sk_msg to local_hop: %w", err)
+	}
+	// Pods enrolled by an earlier agent keep their pinned sk_lookup links; give them the
+	// program just loaded.
+	return c.updateNetnsLinks()
+}
+
+func (c *Capture) linkDir() string  { return filepath.Join(c.pinDir, "links") }
+func (c *Capture) netnsDir() string { return filepath.Join(c.pinDir, "netns") }
+
+func (c *Capture) cgroupAttachments() []cgroupAttachment {
+	return []cgroupAttachment{
+		{"connect4", ebpf.AttachCGroupInet4Connect, c.connect.SluiceConnect4},
+		{"connect6", ebpf.AttachCGroupInet6Connect, c.connect.SluiceConnect6},
+		{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, c.connect.SluiceSendmsg4},
+		{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, c.connect.SluiceSendmsg6},
+		{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, c.connect.SluiceRecvmsg4},
+		{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, c.connect.SluiceRecvmsg6},
+		{"getpeername4", ebpf.AttachCgroupInet4GetPeername, c.connect.SluiceGetpeername4},
+		{"getpeername6", ebpf.AttachCgroupInet6GetPeername, c.connect.SluiceGetpeername6},
+		{"getsockopt", ebpf.AttachCGroupGetsockopt, c.sockopt.SluiceGetsockopt},
+		{"sockops", ebpf.AttachCGroupSockOps, c.sockops.SluiceSockops},
+	}
+}
+
+func (c *Capture) writeConfig() error {
+	var flags uint32
+	if c.cfg.CaptureDNS {
+		flags |= cfgCaptureDNS
+	}
+	if c.cfg.Accelerate {
+		flags |= cfgAccelerate
+	}
+	v := sockopsConfig{
+		Flags:        flags,
+		Mark:         c.cfg.Mark,
+		MarkMask:     c.cfg.MarkMask,
+		OutboundPort: c.cfg.OutboundPort,
+		InboundPort:  c.cfg.InboundPort,
+		HbonePort:    c.cfg.HBONEPort,
+		DnsPort:      c.cfg.DNSPort,
+	}
+	if err := c.sockops.SluiceConfig.Put(uint32(0), v); err != nil {
+		return fmt.Errorf("write capture config: %w", err)
+	}
+	return nil
+}
+
+// attachCgroup attaches a to the cgroup, or swaps a's program into the link an earlier
+// agent pinned.
+func (c *Capture) attachCgroup(a cgroupAttachment) error {
+	pin := filepath.Join(c.linkDir(), a.name)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		defer l.Close()
+		if err := l.Update(a.prog); err != nil {
+			return fmt.Errorf("update pinned cgroup %s link: %w", a.name, err)
+		}
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("load pinned cgroup %s link %s: %w", a.name, pin, err)
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: c.cfg.CgroupPath, Attach: a.attach, Program: a.prog})
+	if err != nil {
+		return fmt.Errorf("attach cgroup %s to %s: %w", a.name, c.cfg.CgroupPath, err)
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin cgroup %s link: %w", a.name, err)
+	}
+	return nil
+}
+
+func (c *Capture) updateNetnsLinks() error {
+	entries, err := os.ReadDir(c.netnsDir())
+	if err != nil {
+		return fmt.Errorf("read pinned netns links: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		pin := filepath.Join(c.netnsDir(), e.Name())
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("load pinned sk_lookup link %s: %w", pin, err))
+			continue
+		}
+		if err := l.Update(c.sklookup.SluiceSkLookup); err != nil {
+			errs = append(errs, fmt.Errorf("update sk_lookup link %s: %w", pin, err))
+		}
+		l.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// Close releases this process's handles on programs and maps. Pinned links keep every
+// program attached; use Uninstall to remove capture.
+func (c *Capture) Close() error {
+	return errors.Join(
+		c.connect.Close(),
+		c.sockopt.Close(),
+		c.sockops.Close(),
+		c.sklookup.Close(),
+		c.skmsg.Close(),
+	)
+}
+
+// Uninstall detaches every program of the instance in cfg and removes its pins. It
+// continues past errors and reports them all.
+func Uninstall(cfg Config) error {
+	dir := cfg.PinDir()
+	var errs []error
+	for _, sub := range []string{"links", "netns"} {
+		entries, err := os.ReadDir(filepath.Join(dir, sub))
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+		for _, e := range entries {
+			errs = append(errs, unpinLink(filepath.Join(dir, sub, e.Name())))
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		errs = append(errs, fmt.Errorf("remove %s: %w", dir, err))
+	}
+	return errors.Join(errs...)
+}
+
+func unpinLink(pin string) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		// Not a link we can load: remove the pin anyway so the program goes.
+		return errors.Join(fmt.Errorf("load pinned link %s: %w", pin, err), os.Remove(pin))
+	}
+	defer l.Close()
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpin %s: %w", pin, err)
+	}
+	return nil
+}
+
+func cookiePin(dir string, cookie uint64) string {
+	return filepath.Join(dir, strconv.FormatUint(cookie, 10))
+}
+
+// verifierError expands a verifier rejection into the full log, which is what anyone
+// debugging it needs.
+func verifierError(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("%+v", ve)
+	}
+	return err
+}

@@ -1,0 +1,405 @@
+//go:build linux
+
+package bpf
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+// fixture is one enrolled "pod" namespace wired by a veth to a "peer" namespace, with a
+// capture instance of its own.
+type fixture struct {
+	cfg       Config
+	cap       *Capture
+	pod, peer *testNS
+	cookie    uint64
+}
+
+const (
+	podIP  = "10.99.0.2"
+	peerIP = "10.99.0.1"
+)
+
+func newFixture(t *testing.T, cfg Config) *fixture {
+	t.Helper()
+	requireRoot(t)
+	short := fmt.Sprintf("sb%d", time.Now().UnixNano()%100000)
+	f := &fixture{pod: newNS(t, short+"-pod"), peer: newNS(t, short+"-peer")}
+	wire(t, f.pod, f.peer, podIP, peerIP)
+	cfg.Instance = "test-" + short
+	f.cfg = cfg
+	f.load(t)
+	t.Cleanup(func() {
+		if f.cap != nil {
+			f.cap.Close()
+		}
+		if err := Uninstall(f.cfg); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	var err error
+	if f.cookie, err = f.cap.Enroll(f.pod.path()); err != nil {
+		t.Fatalf("enroll: %v", err)
+	}
+	return f
+}
+
+func (f *fixture) load(t *testing.T) {
+	t.Helper()
+	c, err := Load(f.cfg)
+	if err != nil {
+		t.Fatalf("load: %v", err)
+	}
+	f.cap = c
+}
+
+// proxy stands in for ztunnel's outbound listener: it reports the original destination,
+// then forwards to it on a socket carrying ztunnel's mark, copying with read/write loops
+// (splice would bypass sk_msg).
+func (f *fixture) proxy(t *testing.T) {
+	ln := f.pod.listen(t, "127.0.0.1:15001")
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				orig, err := OriginalDst(c.(*net.TCPConn))
+				if err != nil {
+					fmt.Fprintf(c, "proxy error %v\n", err)
+					return
+				}
+				fmt.Fprintf(c, "proxy %s\n", orig)
+				up, err := f.pod.dial("tcp", orig.String(), DefaultMark)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go copyLoop(up, c)
+				copyLoop(c, up)
+			}()
+		}
+	}()
+}
+
+func copyLoop(dst, src net.Conn) {
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			if tc, ok := dst.(*net.TCPConn); ok {
+				tc.CloseWrite()
+			}
+			return
+		}
+	}
+}
+
+func TestOutboundCapture(t *testing.T) {
+	f := newFixture(t, Config{})
+	f.proxy(t)
+	serveName(f.peer.listen(t, peerIP+":8080"), "server")
+	serveName(f.pod.listen(t, "127.0.0.1:9999"), "local")
+
+	cases := []struct {
+		name, network, addr string
+		mark                int
+		want                []string // lines the client reads, prefix-matched
+		peer                string   // what getpeername must say
+	}{
+		{"pod IP", "tcp4", peerIP + ":8080", 0, []string{"proxy " + peerIP + ":8080", "server " + podIP + ":"}, peerIP + ":8080"},
+		{"service IP", "tcp4", "10.96.0.10:80", 0, []string{"proxy 10.96.0.10:80"}, "10.96.0.10:80"},
+		{"IPv4-mapped IPv6", "tcp6", "[::ffff:" + peerIP + "]:8080", 0, []string{"proxy " + peerIP + ":8080", "server " + podIP + ":"}, peerIP + ":8080"},
+		{"loopback stays local", "tcp4", "127.0.0.1:9999", 0, []string{"local 127.0.0.1:"}, "127.0.0.1:9999"},
+		{"ztunnel's marked socket goes direct", "tcp4", peerIP + ":8080", DefaultMark, []string{"server " + podIP + ":"}, peerIP + ":8080"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := f.pod.dial(tc.network, tc.addr, tc.mark)
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer c.Close()
+			if got := netip.MustParseAddrPort(c.RemoteAddr().String()); netip.AddrPortFrom(got.Addr().Unmap(), got.Port()).String() != tc.peer {
+				t.Errorf("getpeername = %s, want %s", got, tc.peer)
+			}
+			for _, w := range tc.want {
+				if got := readLine(t, c); !strings.HasPrefix(got, w) {
+					t.Errorf("got %q, want prefix %q", got, w)
+				}
+			}
+		})
+	}
+}
+
+func TestUnenrollRestoresDirect(t *testing.T) {
+	f := newFixture(t, Config{})
+	f.proxy(t)
+	serveName(f.peer.listen(t, peerIP+":8080"), "server")
+	if err := f.cap.Unenroll(f.cookie); err != nil {
+		t.Fatal(err)
+	}
+	c, err := f.pod.dial("tcp4", peerIP+":8080", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := readLine(t, c); !strings.HasPrefix(got, "server ") {
+		t.Errorf("after unenroll got %q, want the server directly", got)
+	}
+	// Inbound is released too: the application's own listener answers.
+	serveName(f.pod.listen(t, podIP+":8080"), "app")
+	in, err := f.peer.dial("tcp4", podIP+":8080", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	if got := readLine(t, in); !strings.HasPrefix(got, "app ") {
+		t.Errorf("inbound after unenroll got %q, want app", got)
+	}
+}
+
+func TestInboundCapture(t *testing.T) {
+	f := newFixture(t, Config{})
+	serveName(f.pod.listen(t, "0.0.0.0:8080"), "app")
+	serveName(f.pod.listen(t, "0.0.0.0:15008"), "hbone")
+	inbound := f.pod.listen(t, "0.0.0.0:15006")
+	serveName(inbound, "inbound")
+
+	dialPod := func(port string) (string, error) {
+		c, err := f.peer.dial("tcp4", podIP+":"+port, 0)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		return readLine(t, c), nil
+	}
+
+	// Enrolled with no listener registered: dropped, never delivered in the clear.
+	if got, err := dialPod("8080"); err == nil {
+		t.Fatalf("connection reached %q with no inbound listener registered; want it dropped", got)
+	}
+	if err := RegisterInboundListener(f.cfg.PinDir(), mustAddr(podIP), inbound.(*net.TCPListener)); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ port, want string }{
+		{"8080", "inbound " + peerIP + ":"},
+		{"9090", "inbound " + peerIP + ":"}, // any port, even one nothing listens on
+		{"15008", "hbone " + peerIP + ":"},
+	} {
+		got, err := dialPod(tc.port)
+		if err != nil {
+			t.Fatalf("port %s: %v", tc.port, err)
+		}
+		if !strings.HasPrefix(got, tc.want) {
+			t.Errorf("port %s: got %q, want prefix %q", tc.port, got, tc.want)
+		}
+	}
+
+	// The node's own address (kubelet probes) reaches the application directly.
+	if err := f.cap.SetHostAddrs([]netip.Addr{mustAddr(peerIP)}); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := dialPod("8080"); err != nil || !strings.HasPrefix(got, "app ") {
+		t.Errorf("from node address: got %q, %v; want app", got, err)
+	}
+	if err := f.cap.SetHostAddrs(nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := dialPod("8080"); !strings.HasPrefix(got, "inbound ") {
+		t.Errorf("after clearing host addresses: got %q, want inbound", got)
+	}
+
+	// The pod talking to itself over its own address is not captured.
+	c, err := f.pod.dial("tcp4", podIP+":8080", DefaultMark)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got := readLine(t, c); !strings.HasPrefix(got, "app ") {
+		t.Errorf("pod to itself: got %q, want app", got)
+	}
+}
+
+func TestRestartKeepsCapture(t *testing.T) {
+	f := newFixture(t, Config{})
+	f.proxy(t)
+	serveName(f.peer.listen(t, peerIP+":8080"), "server")
+	c, err := f.pod.dial("tcp4", peerIP+":8080", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	readLine(t, c) // proxy
+	readLine(t, c) // server
+
+	// The agent goes away and a new one loads its programs over the pinned ones.
+	if err := f.cap.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f.cap = nil
+	probe, err := f.pod.dial("tcp4", peerIP+":8080", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(t, probe); !strings.HasPrefix(got, "proxy ") {
+		t.Errorf("with no agent running: got %q, want capture to persist", got)
+	}
+	probe.Close()
+	f.load(t)
+
+	if _, err := c.Write([]byte("still-here\n")); err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(t, c); got != "still-here" {
+		t.Errorf("open connection after restart echoed %q", got)
+	}
+	c2, err := f.pod.dial("tcp4", peerIP+":8080", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if got := readLine(t, c2); !strings.HasPrefix(got, "proxy ") {
+		t.Errorf("new connection after restart: got %q, want captured", got)
+	}
+	cookies, err := f.cap.Enrolled()
+	if err != nil || len(cookies) != 1 || cookies[0] != f.cookie {
+		t.Errorf("enrolled after restart = %v, %v; want [%d]", cookies, err, f.cookie)
+	}
+}
+
+func TestKernelMetricsMatchBytes(t *testing.T) {
+	for _, accel := range []bool{false, true} {
+		t.Run(fmt.Sprintf("accelerate=%v", accel), func(t *testing.T) {
+			f := newFixture(t, Config{Accelerate: accel})
+			f.proxy(t)
+			serveName(f.peer.listen(t, peerIP+":8080"), "server")
+			const payload = 1 << 20
+			c, err := f.pod.dial("tcp4", peerIP+":8080", 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			l1, l2 := readLine(t, c), readLine(t, c)
+			go func() {
+				buf := make([]byte, payload)
+				c.Write(buf)
+				c.(*net.TCPConn).CloseWrite()
+			}()
+			n, err := io.Copy(io.Discard, c)
+			if err != nil || n != payload {
+				t.Fatalf("echo: %d bytes, %v", n, err)
+			}
+			c.Close()
+			received := uint64(payload + len(l1) + len(l2) + 2)
+
+			var got Counters
+			deadline := time.Now().Add(3 * time.Second)
+			for time.Now().Before(deadline) {
+				st, err := f.cap.Stats()
+				if err != nil {
+					t.Fatal(err)
+				}
+				got = st[f.cookie].Outbound
+				if got.Closed == 1 && got.BytesReceived == received {
+					break
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+			if got.Opened != 1 || got.Closed != 1 {
+				t.Errorf("connections opened/closed = %d/%d, want 1/1 (%+v)", got.Opened, got.Closed, got)
+			}
+			if got.BytesSent != payload || got.BytesReceived != received {
+				t.Errorf("bytes sent/received = %d/%d, want %d/%d", got.BytesSent, got.BytesReceived, payload, received)
+			}
+
+			// Inbound, from an address that is not captured (the node's), to the
+			// application itself.
+			serveName(f.pod.listen(t, podIP+":8080"), "app")
+			if err := f.cap.SetHostAddrs([]netip.Addr{mustAddr(peerIP)}); err != nil {
+				t.Fatal(err)
+			}
+			in, err := f.peer.dial("tcp4", podIP+":8080", 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			line := readLine(t, in)
+			go func() {
+				in.Write(make([]byte, 5000))
+				in.(*net.TCPConn).CloseWrite()
+			}()
+			if n, err := io.Copy(io.Discard, in); err != nil || n != 5000 {
+				t.Fatalf("inbound echo: %d bytes, %v", n, err)
+			}
+			in.Close()
+			var gotIn Counters
+			for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+				st, _ := f.cap.Stats()
+				if gotIn = st[f.cookie].Inbound; gotIn.Closed == 1 {
+					break
+				}
+			}
+			if gotIn.Opened != 1 || gotIn.Closed != 1 || gotIn.BytesReceived != 5000 || gotIn.BytesSent != uint64(5000+len(line)+1) {
+				t.Errorf("inbound counters %+v, want 1 opened and closed, 5000 received, %d sent", gotIn, 5000+len(line)+1)
+			}
+		})
+	}
+}
+
+func TestDNSCapture(t *testing.T) {
+	f := newFixture(t, Config{CaptureDNS: true})
+	var dns net.PacketConn
+	if err := f.pod.do(func() (err error) {
+		dns, err = net.ListenPacket("udp4", "127.0.0.1:15053")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer dns.Close()
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, from, err := dns.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			dns.WriteTo(append([]byte("dns:"), buf[:n]...), from)
+		}
+	}()
+	var app net.PacketConn
+	if err := f.pod.do(func() (err error) {
+		app, err = net.ListenPacket("udp4", "0.0.0.0:0")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close()
+	server := &net.UDPAddr{IP: net.ParseIP("10.96.0.53"), Port: 53}
+	if _, err := app.WriteTo([]byte("query"), server); err != nil {
+		t.Fatal(err)
+	}
+	app.SetReadDeadline(time.Now().Add(3 * time.Second))
+	buf := make([]byte, 512)
+	n, from, err := app.ReadFrom(buf)
+	if err != nil {
+		t.Fatalf("no DNS answer: %v", err)
+	}
+	if string(buf[:n]) != "dns:query" {
+		t.Errorf("answer %q, want it from the in-pod DNS listener", buf[:n])
+	}
+	if from.String() != server.String() {
+		t.Errorf("answer appears to come from %s, want %s", from, server)
+	}
+}

@@ -1,0 +1,224 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime"
+	"strconv"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Enroll puts the pod whose network namespace is at netnsPath under capture: its netns
+// cookie joins the enrolled map (outbound) and sk_lookup is attached to the namespace
+// (inbound). Enrolling an enrolled namespace again is a no-op. It returns the cookie,
+// which names the pod's capture from then on.
+func (c *Capture) Enroll(netnsPath string) (uint64, error) {
+	ns, err := os.Open(netnsPath)
+	if err != nil {
+		return 0, fmt.Errorf("open pod network namespace: %w", err)
+	}
+	defer ns.Close()
+	cookie, err := netnsCookie(ns)
+	if err != nil {
+		return 0, err
+	}
+	pin := cookiePin(c.netnsDir(), cookie)
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		err = l.Update(c.sklookup.SluiceSkLookup)
+		l.Close()
+		if err != nil {
+			return 0, fmt.Errorf("update sk_lookup in %s: %w", netnsPath, err)
+		}
+	} else {
+		l, err := link.AttachNetNs(int(ns.Fd()), c.sklookup.SluiceSkLookup)
+		if err != nil {
+			return 0, fmt.Errorf("attach sk_lookup to %s: %w", netnsPath, err)
+		}
+		err = l.Pin(pin)
+		l.Close()
+		if err != nil {
+			return 0, fmt.Errorf("pin sk_lookup link for %s: %w", netnsPath, err)
+		}
+	}
+	// Inbound is in place before outbound, so no connection is half captured.
+	if err := c.sockops.Enrolled.Put(cookie, sockopsEnrollment{}); err != nil {
+		return 0, fmt.Errorf("enroll netns cookie %d: %w", cookie, err)
+	}
+	return cookie, nil
+}
+
+// Unenroll takes the pod with netns cookie out of capture; traffic goes direct again.
+// Unenrolling an unknown cookie is not an error.
+func (c *Capture) Unenroll(cookie uint64) error {
+	var errs []error
+	if err := c.sockops.Enrolled.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, fmt.Errorf("unenroll netns cookie %d: %w", cookie, err))
+	}
+	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)))
+	for _, dir := range []uint32{dirOutbound, dirInbound} {
+		key := sockopsPodStatsKey{Netns: cookie, Dir: dir}
+		if err := c.sockops.PodMetrics.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("delete pod metrics: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Enrolled lists the netns cookies under capture.
+func (c *Capture) Enrolled() ([]uint64, error) {
+	var (
+		cookies []uint64
+		key     uint64
+		val     sockopsEnrollment
+	)
+	it := c.sockops.Enrolled.Iterate()
+	for it.Next(&key, &val) {
+		cookies = append(cookies, key)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list enrolled: %w", err)
+	}
+	return cookies, nil
+}
+
+// SetHostAddrs replaces the node's own addresses, whose connections to pods (kubelet
+// probes) are never captured.
+func (c *Capture) SetHostAddrs(addrs []netip.Addr) error {
+	want := map[sockopsAddr]bool{}
+	for _, a := range addrs {
+		want[toAddr(a)] = true
+	}
+	var (
+		key   sockopsAddr
+		val   uint8
+		stale []sockopsAddr
+	)
+	it := c.sockops.HostAddrs.Iterate()
+	for it.Next(&key, &val) {
+		if !want[key] {
+			stale = append(stale, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list host addresses: %w", err)
+	}
+	var errs []error
+	for _, k := range stale {
+		errs = append(errs, c.sockops.HostAddrs.Delete(k))
+	}
+	for k := range want {
+		if err := c.sockops.HostAddrs.Put(k, uint8(1)); err != nil {
+			errs = append(errs, fmt.Errorf("add host address: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func toAddr(a netip.Addr) sockopsAddr {
+	b := a.As16() // IPv4 becomes ::ffff:a.b.c.d, as the programs store it
+	var out sockopsAddr
+	for i := range out.A {
+		out.A[i] = uint32(b[4*i]) | uint32(b[4*i+1])<<8 | uint32(b[4*i+2])<<16 | uint32(b[4*i+3])<<24
+	}
+	return out
+}
+
+// RegisterInboundListener makes ln (ztunnel's plaintext inbound listener in a pod's
+// network namespace) the socket that inbound connections to podIP are steered to. pinDir
+// is the capture instance's pin directory (Config.PinDir). Until a listener is registered,
+// inbound connections to an enrolled pod are dropped.
+func RegisterInboundListener(pinDir string, podIP netip.Addr, ln syscall.Conn) error {
+	m, err := ebpf.LoadPinnedMap(pinDir+"/inbound_listeners", nil)
+	if err != nil {
+		return fmt.Errorf("open inbound_listeners map in %s (is the node agent running?): %w", pinDir, err)
+	}
+	defer m.Close()
+	rc, err := ln.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var putErr error
+	err = rc.Control(func(fd uintptr) {
+		putErr = m.Put(toAddr(podIP.Unmap()), uint64(fd))
+	})
+	if err == nil {
+		err = putErr
+	}
+	if err != nil {
+		return fmt.Errorf("register inbound listener for %s: %w", podIP, err)
+	}
+	return nil
+}
+
+// UnregisterInboundListener removes the listener registered for podIP.
+func UnregisterInboundListener(pinDir string, podIP netip.Addr) error {
+	m, err := ebpf.LoadPinnedMap(pinDir+"/inbound_listeners", nil)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	if err := m.Delete(toAddr(podIP.Unmap())); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	return nil
+}
+
+// NetnsCookie returns the kernel's cookie for the network namespace at path.
+func NetnsCookie(path string) (uint64, error) {
+	ns, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer ns.Close()
+	return netnsCookie(ns)
+}
+
+// netnsCookie reads SO_NETNS_COOKIE from a socket made inside ns, on a thread that enters
+// ns and is thrown away afterwards (runtime.LockOSThread without Unlock), so no other
+// goroutine ever runs in the pod's namespace by accident.
+func netnsCookie(ns *os.File) (uint64, error) {
+	type result struct {
+		cookie uint64
+		err    error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		var r result
+		defer func() { ch <- r }()
+		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
+			r.err = fmt.Errorf("enter network namespace %s: %w", ns.Name(), err)
+			return
+		}
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			r.err = fmt.Errorf("socket in %s: %w", ns.Name(), err)
+			return
+		}
+		defer unix.Close(fd)
+		v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		if err != nil {
+			r.err = fmt.Errorf("read netns cookie of %s: %w", ns.Name(), err)
+			return
+		}
+		r.cookie = v
+	}()
+	r := <-ch
+	return r.cookie, r.err
+}
+
+// OwnNetnsCookie is the cookie of the caller's current network namespace.
+func OwnNetnsCookie() (uint64, error) {
+	return NetnsCookie("/proc/self/ns/net")
+}
+
+// FormatCookie renders a cookie the way pins name it.
+func FormatCookie(c uint64) string { return strconv.FormatUint(c, 10) }

@@ -1,0 +1,53 @@
+//go:build ignore
+
+/* Inbound capture, attached to each enrolled pod's network namespace.
+ *
+ * A TCP connection arriving for any pod port is handed to ztunnel's plaintext inbound
+ * listener (registered per pod address in inbound_listeners), except ztunnel's own ports
+ * (HBONE on 15008 above all), connections from loopback or from the pod's own address,
+ * ztunnel's own connections delivering to the application (filed by sockops.c while they
+ * handshake) and connections from the node's own addresses (kubelet probes). If the pod's listener is missing, the connection is dropped: a pod in
+ * the mesh never accepts plaintext behind ztunnel's back.
+ */
+#include "include/common.h"
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+SEC("sk_lookup")
+int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct config *cfg = get_config();
+	struct addr local, remote;
+	struct bpf_sock *sk;
+	long err;
+
+	if (!cfg || ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (is_ztunnel_port(cfg, (__u16)ctx->local_port))
+		return SK_PASS;
+	volatile struct bpf_sk_lookup *v = ctx; /* see addr_pick */
+
+	addr_pick(&local, ctx->family == AF_INET, v->local_ip4, v->local_ip6[0],
+		  v->local_ip6[1], v->local_ip6[2], v->local_ip6[3]);
+	addr_pick(&remote, ctx->family == AF_INET, v->remote_ip4, v->remote_ip6[0],
+		  v->remote_ip6[1], v->remote_ip6[2], v->remote_ip6[3]);
+	if (addr_is_loopback(&remote) || addr_equal(&local, &remote))
+		return SK_PASS;
+	if (bpf_map_lookup_elem(&host_addrs, &remote))
+		return SK_PASS;
+	{
+		struct flow_key flow = {.local = local, .remote = remote,
+					.local_port = ctx->local_port,
+					.remote_port = bpf_ntohs(ctx->remote_port)};
+
+		if (bpf_map_lookup_elem(&ztunnel_handshakes, &flow))
+			return SK_PASS;
+	}
+
+	sk = bpf_map_lookup_elem(&inbound_listeners, &local);
+	if (!sk)
+		return SK_DROP;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
+}
