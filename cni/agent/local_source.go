@@ -1,0 +1,176 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	"sigs.k8s.io/yaml"
+)
+
+// LocalSource reads Pod and Namespace manifests from a directory tree (the local lab's
+// registry, or any directory of Kubernetes YAML), so the agent runs without a cluster. It
+// polls: the directory is small and polling survives editors that replace files.
+type LocalSource struct {
+	// Dir holds *.yaml / *.json manifests of kind Pod and Namespace, in any subfolders.
+	Dir string
+	// NodeName keeps pods whose spec.nodeName is this node; empty keeps every pod.
+	NodeName string
+	// Interval between scans (default 200ms).
+	Interval time.Duration
+	Logger   *slog.Logger
+
+	mu     sync.RWMutex
+	pods   map[string]*corev1.Pod
+	nss    map[string]*corev1.Namespace
+	synced bool
+}
+
+func (s *LocalSource) Synced() bool {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.synced
+}
+
+func (s *LocalSource) Pod(key string) (*corev1.Pod, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	p, ok := s.pods[key]
+	return p, ok
+}
+
+func (s *LocalSource) Pods() []*corev1.Pod {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*corev1.Pod, 0, len(s.pods))
+	for _, p := range s.pods {
+		out = append(out, p)
+	}
+	return out
+}
+
+func (s *LocalSource) Namespace(name string) (*corev1.Namespace, bool) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	n, ok := s.nss[name]
+	return n, ok
+}
+
+func (s *LocalSource) Namespaces() []*corev1.Namespace {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	out := make([]*corev1.Namespace, 0, len(s.nss))
+	for _, n := range s.nss {
+		out = append(out, n)
+	}
+	return out
+}
+
+func (s *LocalSource) Run(ctx context.Context, changed func(key string)) error {
+	interval := s.Interval
+	if interval == 0 {
+		interval = 200 * time.Millisecond
+	}
+	log := s.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		if err := s.scan(changed); err != nil {
+			log.Warn("reading local pod registry", "dir", s.Dir, "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+// scan reads the directory and reports what changed since the last scan. A file that does
+// not parse is reported and skipped; it never hides the other objects.
+func (s *LocalSource) scan(changed func(string)) error {
+	pods := map[string]*corev1.Pod{}
+	nss := map[string]*corev1.Namespace{}
+	var errs []error
+	err := filepath.WalkDir(s.Dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.IsDir() || !(strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml") || strings.HasSuffix(path, ".json")) {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // removed while we walked
+			}
+			errs = append(errs, err)
+			return nil
+		}
+		var meta struct {
+			Kind string `json:"kind"`
+		}
+		if err := yaml.Unmarshal(b, &meta); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", path, err))
+			return nil
+		}
+		switch meta.Kind {
+		case "Pod":
+			var p corev1.Pod
+			if err := yaml.Unmarshal(b, &p); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", path, err))
+				return nil
+			}
+			if p.Namespace == "" {
+				p.Namespace = "default"
+			}
+			if s.NodeName == "" || p.Spec.NodeName == s.NodeName {
+				pods[podKey(p.Namespace, p.Name)] = &p
+			}
+		case "Namespace":
+			var n corev1.Namespace
+			if err := yaml.Unmarshal(b, &n); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", path, err))
+				return nil
+			}
+			nss[n.Name] = &n
+		}
+		return nil
+	})
+	if err != nil {
+		errs = append(errs, err)
+	}
+
+	s.mu.Lock()
+	oldPods, oldNss := s.pods, s.nss
+	s.pods, s.nss, s.synced = pods, nss, true
+	s.mu.Unlock()
+
+	for key, p := range pods {
+		old, ok := oldPods[key]
+		if !ok || !equality.Semantic.DeepEqual(old, p) || !equality.Semantic.DeepEqual(oldNss[p.Namespace], nss[p.Namespace]) {
+			changed(key)
+		}
+	}
+	for key := range oldPods {
+		if _, ok := pods[key]; !ok {
+			changed(key)
+		}
+	}
+	return errors.Join(errs...)
+}
