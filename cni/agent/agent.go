@@ -225,7 +225,11 @@ func (a *Agent) restore() error {
 			continue
 		}
 		live[r.Cookie] = true
-		a.zds.Keep(r.UID, zds.Workload{Name: r.Name, Namespace: r.Namespace, Node: a.cfg.NodeName, IPs: r.IPs})
+		// No ztunnel is connected yet: this queues the pod for the snapshot ztunnel gets
+		// when it (re)connects, with the namespace reopened from its path.
+		if err := a.zds.Add(r.UID, a.workloadOf(r, nil), r.Netns); err != nil {
+			a.log.Warn("queue restored pod for ztunnel", "pod", r.key(), "err", err)
+		}
 	}
 	for _, c := range enrolled {
 		if !live[c] {
@@ -322,11 +326,12 @@ func (a *Agent) enrollLocked(rec *record, pod *corev1.Pod) error {
 		return fmt.Errorf("enroll %s: %w", rec.key(), err)
 	}
 	rec.Cookie = cookie
+	w := a.workloadOf(rec, pod)
 	if err := a.records.save(rec); err != nil {
 		return err
 	}
 	a.log.Info("pod enrolled", "pod", rec.key(), "netns", rec.Netns, "cookie", cookie)
-	if err := a.zds.Add(rec.UID, a.workloadOf(rec, pod), rec.Netns); err != nil {
+	if err := a.zds.Add(rec.UID, w, rec.Netns); err != nil {
 		// Capture stays in place: the pod fails closed until ztunnel takes it.
 		return fmt.Errorf("ztunnel refused pod %s: %w", rec.key(), err)
 	}
@@ -352,12 +357,12 @@ func (a *Agent) forgetLocked(rec *record) {
 }
 
 func (a *Agent) workloadOf(rec *record, pod *corev1.Pod) zds.Workload {
-	w := zds.Workload{Name: rec.Name, Namespace: rec.Namespace, Node: a.cfg.NodeName, IPs: rec.IPs}
 	if pod != nil {
-		w.ServiceAccount = workload.ServiceAccount(pod)
-		w.Labels = pod.Labels
+		rec.ServiceAccount = workload.ServiceAccount(pod)
+		rec.Labels = pod.Labels
 	}
-	return w
+	return zds.Workload{Name: rec.Name, Namespace: rec.Namespace, Node: a.cfg.NodeName, IPs: rec.IPs,
+		ServiceAccount: rec.ServiceAccount, Labels: rec.Labels}
 }
 
 // writeMeshStateLocked keeps the plugin's fallback file current.
@@ -415,11 +420,16 @@ func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	return nil
 }
 
-func (a *Agent) serveMetrics(ctx context.Context) error {
+// MetricsHandler serves the agent's Prometheus metrics (what MetricsAddr serves).
+func (a *Agent) MetricsHandler() http.Handler {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(&podCollector{agent: a})
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+}
+
+func (a *Agent) serveMetrics(ctx context.Context) error {
 	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("/metrics", a.MetricsHandler())
 	ln, err := net.Listen("tcp", a.cfg.MetricsAddr)
 	if err != nil {
 		return fmt.Errorf("metrics listener on %s: %w", a.cfg.MetricsAddr, err)

@@ -18,6 +18,10 @@ type record struct {
 	ContainerID string   `json:"containerID,omitempty"`
 	Netns       string   `json:"netns"`
 	IPs         []string `json:"ips,omitempty"`
+	// ServiceAccount and Labels are the pod's when it was last enrolled, so a restarted
+	// agent can describe the pod to ztunnel before its source has synced.
+	ServiceAccount string            `json:"serviceAccount,omitempty"`
+	Labels         map[string]string `json:"labels,omitempty"`
 	// Cookie is the netns cookie while enrolled, 0 otherwise.
 	Cookie uint64 `json:"cookie,omitempty"`
 }
