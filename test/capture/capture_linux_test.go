@@ -23,6 +23,7 @@ import (
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/agent"
+	"github.com/sluicemesh/sluice/cni/install"
 	"github.com/sluicemesh/sluice/test/lab"
 	"github.com/sluicemesh/sluice/test/passthrough"
 )
@@ -85,7 +86,9 @@ type world struct {
 	nodes []*node
 }
 
-func setup(t *testing.T) *world {
+// setup builds a two-node lab. With agentInstalls, the lab's CNI config starts without
+// Sluice and each node agent chains its plugin in, as the DaemonSet does on a real node.
+func setup(t *testing.T, agentInstalls bool) *world {
 	t.Helper()
 	requireRoot(t)
 	ctx := context.Background()
@@ -93,15 +96,19 @@ func setup(t *testing.T) *world {
 	if err := lab.BuildPlugins(ctx, bin); err != nil {
 		t.Fatalf("build CNI plugins: %v", err)
 	}
-	build := exec.Command("go", "build", "-o", filepath.Join(bin, "sluice-cni"), "github.com/sluicemesh/sluice/cni/cmd/sluice-cni")
+	pluginBin := filepath.Join(t.TempDir(), "sluice-cni")
+	build := exec.Command("go", "build", "-o", pluginBin, "github.com/sluicemesh/sluice/cni/cmd/sluice-cni")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("build sluice-cni: %v\n%s", err, out)
 	}
-	name := fmt.Sprintf("cap%d", time.Now().UnixNano()%100000)
-	l, err := lab.Up(ctx, lab.Config{
-		Name: name, Nodes: 2, CNIBinDir: bin,
-		ExtraPlugins: []map[string]any{{"type": "sluice-cni", "agentSocket": "${NODE_DIR}/cni.sock", "stateFile": "${NODE_DIR}/mesh-state.json", "timeout": "3s"}},
-	})
+	labCfg := lab.Config{Name: fmt.Sprintf("cap%d", time.Now().UnixNano()%100000), Nodes: 2, CNIBinDir: bin}
+	if !agentInstalls {
+		if err := copyFile(pluginBin, filepath.Join(bin, "sluice-cni")); err != nil {
+			t.Fatal(err)
+		}
+		labCfg.ExtraPlugins = []map[string]any{{"type": "sluice-cni", "agentSocket": "${NODE_DIR}/cni.sock", "stateFile": "${NODE_DIR}/mesh-state.json", "timeout": "3s"}}
+	}
+	l, err := lab.Up(ctx, labCfg)
 	if err != nil {
 		t.Fatalf("lab up: %v", err)
 	}
@@ -138,6 +145,10 @@ func setup(t *testing.T) *world {
 			HostAddrs:     []netip.Addr{n.Gateway, n.IP},
 			PodWait:       3 * time.Second,
 		}}
+		if agentInstalls {
+			nd.cfg.Installer = &install.Installer{BinDir: bin, ConfDir: n.ConfDir, PluginBinary: pluginBin,
+				PluginConfig: map[string]any{"agentSocket": nd.cfg.CNISocket, "stateFile": nd.cfg.MeshStateFile, "timeout": "3s"}}
+		}
 		nd.startAgent(t)
 		nd.proxy = &passthrough.Proxy{ZDSPath: nd.cfg.ZtunnelSocket, PinDir: nd.cfg.Capture.PinDir()}
 		pctx, cancel := context.WithCancel(context.Background())
@@ -273,7 +284,7 @@ func from(p *lab.Pod, dir string, orig netip.AddrPort) func(passthrough.Event) b
 }
 
 func TestCaptureEndToEnd(t *testing.T) {
-	w := setup(t)
+	w := setup(t, false)
 	n0, n1 := w.nodes[0], w.nodes[1]
 	a := w.addPod(t, "mesh", "a", 0, nil)
 	b := w.addPod(t, "mesh", "b", 1, nil)
@@ -465,6 +476,38 @@ func TestCaptureEndToEnd(t *testing.T) {
 		}
 		waitFor(t, "the deleted pod is released", func() bool { return !n1.proxy.Serving(e.UID) })
 	})
+}
+
+func TestAgentChainsPluginIntoNodeConfig(t *testing.T) {
+	w := setup(t, true)
+	n0 := w.nodes[0]
+	a := w.addPod(t, "mesh", "a", 0, nil)
+	b := w.addPod(t, "mesh", "b", 0, nil)
+	serve(t, b, 8080)
+	waitFor(t, "the pod created through the installed plugin is served", func() bool { return n0.proxy.Serving(a.UID) })
+	conn := dial(t, a, b.AddrPort(8080).String())
+	defer conn.Close()
+	greet(t, conn)
+	waitEvent(t, n0.proxy, "a's outbound", from(a, "outbound", b.AddrPort(8080)))
+
+	if err := n0.cfg.Installer.Uninstall(); err != nil {
+		t.Fatal(err)
+	}
+	conf, err := os.ReadFile(filepath.Join(n0.n.ConfDir, "10-lab.conflist"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(conf), "sluice-cni") {
+		t.Errorf("uninstall left the plugin chained:\n%s", conf)
+	}
+}
+
+func copyFile(src, dst string) error {
+	b, err := os.ReadFile(src)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o755)
 }
 
 // scrape reads the agent's metrics for one pod and direction.
