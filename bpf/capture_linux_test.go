@@ -293,6 +293,9 @@ func TestKernelMetricsMatchBytes(t *testing.T) {
 				t.Fatal(err)
 			}
 			l1, l2 := readLine(t, c), readLine(t, c)
+			if n, err := f.cap.AcceleratedSockets(); err != nil || (accel && n != 2) || (!accel && n != 0) {
+				t.Errorf("accelerated sockets = %d, %v; want 2 with acceleration, 0 without", n, err)
+			}
 			go func() {
 				buf := make([]byte, payload)
 				c.Write(buf)
@@ -353,6 +356,9 @@ func TestKernelMetricsMatchBytes(t *testing.T) {
 			}
 			if gotIn.Opened != 1 || gotIn.Closed != 1 || gotIn.BytesReceived != 5000 || gotIn.BytesSent != uint64(5000+len(line)+1) {
 				t.Errorf("inbound counters %+v, want 1 opened and closed, 5000 received, %d sent", gotIn, 5000+len(line)+1)
+			}
+			if gotIn.RTTSamples == 0 || gotIn.RTTSumMicros == 0 {
+				t.Errorf("no RTT samples for a connection over the wire: %+v", gotIn)
 			}
 		})
 	}

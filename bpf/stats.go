@@ -54,3 +54,21 @@ func (c *Capture) Stats() (map[uint64]PodCounters, error) {
 	}
 	return out, nil
 }
+
+// AcceleratedSockets counts the sockets in the local-hop SOCKHASH: both ends of every
+// application <-> ztunnel connection that sk_msg currently short-cuts.
+func (c *Capture) AcceleratedSockets() (int, error) {
+	var (
+		n   int
+		key sockopsSockKey
+	)
+	it := c.sockops.LocalHop.Iterate()
+	var val uint64
+	for it.Next(&key, &val) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("read local_hop: %w", err)
+	}
+	return n, nil
+}
