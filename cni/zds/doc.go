@@ -32,8 +32,8 @@
 //
 // Only packets listed above, with the fds listed above, are valid. The agent closes a
 // connection that sends anything but hello then acks, that sends an ack with nothing
-// outstanding, or that does not acknowledge within its timeout (5s by default); ztunnel
-// reconnects and gets a fresh snapshot. ztunnel answers a packet it cannot accept
+// outstanding, or that does not send hello, or an ack, within its timeout (5s by
+// default); ztunnel reconnects and gets a fresh snapshot. ztunnel answers a packet it cannot accept
 // (oversized, not JSON, unknown type, missing fields, wrong fds) with an ack error.
 // File descriptors attached to a rejected packet are closed by the receiver.
 //

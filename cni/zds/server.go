@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,11 +27,11 @@ import (
 // tells ztunnel that any pod it does not name is gone.
 //
 // Only the newest ztunnel connection receives updates. During a ztunnel rolling
-// restart the new instance connects while the old one still serves traffic; the new
-// one gets the snapshot and every later change, the old one keeps its connection (so it
-// does not drop pods it still proxies) but is sent nothing further, except what was
-// already queued for it. Two instances applying the same deltas would double-serve,
-// and ztunnel decides for itself when the old instance exits.
+// restart the new instance connects while the old one still serves traffic: the new
+// one gets the snapshot and every later change; the old one is sent nothing after what
+// was already queued for it, but its connection stays open until it hangs up. Sending
+// to both would have two ztunnels chase the same pods, and closing the old connection
+// would make the old ztunnel drop its pods before it has drained them.
 //
 // The zero Server is ready to use; its methods may be called from any goroutine.
 type Server struct {
@@ -220,15 +221,7 @@ func (s *Server) snapshotLocked() []snapshotEntry {
 	for uid, p := range s.pods {
 		entries = append(entries, snapshotEntry{uid: uid, pod: p})
 	}
-	slices.SortFunc(entries, func(a, b snapshotEntry) int {
-		switch {
-		case a.uid < b.uid:
-			return -1
-		case a.uid > b.uid:
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(entries, func(a, b snapshotEntry) int { return strings.Compare(a.uid, b.uid) })
 	return entries
 }
 

@@ -7,7 +7,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -460,19 +459,6 @@ func TestNoFDLeak(t *testing.T) {
 	stop()
 
 	before := openFDs(t)
-	for _, fd := range before {
-		if i := strings.Index(fd, "socket:["); i >= 0 {
-			ino := strings.TrimSuffix(fd[i+8:], "]")
-			b, _ := os.ReadFile("/proc/net/unix")
-			for _, l := range strings.Split(string(b), "\n") {
-				if strings.Contains(l, " "+ino) {
-					t.Logf("DEBUG %s", l)
-				}
-			}
-			buf := make([]byte, 1<<20)
-			t.Logf("DEBUG %s", buf[:runtime.Stack(buf, true)])
-		}
-	}
 	func() {
 		path := socketPath(t)
 		s := &Server{AckTimeout: 200 * time.Millisecond}
