@@ -170,7 +170,7 @@ func (p *Plugin) Add(ctx context.Context, args *skel.CmdArgs) ([]byte, error) {
 		}
 		return conf.PrevResult, nil
 	}
-	p.log().Info("pod added", "pod", inv.pod.String(), "container", inv.req.ContainerID, "enrolled", resp.Enrolled, "ips", inv.req.IPs)
+	p.log().Debug("pod added", "pod", inv.pod.String(), "container", inv.req.ContainerID, "enrolled", resp.Enrolled, "ips", inv.req.IPs)
 	return conf.PrevResult, nil
 }
 

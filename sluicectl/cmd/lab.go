@@ -43,7 +43,8 @@ new shell, and "lab down" also clears what a crashed run left.`,
 	}
 	c.PersistentFlags().StringVar(&o.name, "name", lab.DefaultName, "lab name (lowercase letters and digits)")
 	c.PersistentFlags().StringVar(&o.stateDir, "state-dir", "", "state directory (default /run/sluice-lab/<name>)")
-	c.AddCommand(newLabUpCommand(o), newLabDownCommand(o), newLabStatusCommand(o), newLabExecCommand(o), newLabPluginsCommand(o))
+	c.AddCommand(newLabUpCommand(o), newLabDownCommand(o), newLabStatusCommand(o), newLabExecCommand(o), newLabPluginsCommand(o),
+		newLabDemoCommand(o), newLabPassthroughCommand(o))
 	return c
 }
 
@@ -64,6 +65,9 @@ func newLabUpCommand(o *labOptions) *cobra.Command {
 			}
 			fmt.Fprintf(o.stdout, "lab %s is up (%s)\n\n", l.Name(), time.Since(start).Round(time.Millisecond))
 			printStatus(o.stdout, l)
+			if up.WithSluice {
+				printNodeServices(o.stdout, l)
+			}
 			fmt.Fprintf(o.stdout, "\nTry: sluicectl lab exec%s %s/app-0-0 -- ip addr\nRemove it: sluicectl lab down%s\n", nameFlag(l), up.Namespace, nameFlag(l))
 			return nil
 		},
@@ -73,8 +77,9 @@ func newLabUpCommand(o *labOptions) *cobra.Command {
 	f.IntVar(&up.PodsPerNode, "pods-per-node", 2, "demo pods per node")
 	f.StringVar(&up.Namespace, "namespace", "demo", "namespace of the demo pods")
 	f.BoolVar(&up.Ambient, "ambient", false, "label the namespace istio.io/dataplane-mode=ambient")
-	f.StringVar(&up.CNIBinDir, "cni-bin", "", "CNI plugin directory (default: build bridge and host-local into "+lab.DefaultCNIBinDir()+")")
-	f.BoolVar(&up.WithSluice, "with-sluice", false, "chain sluice-cni (found in --cni-bin) after the bridge plugin")
+	f.StringVar(&up.CNIBinDir, "cni-bin", "", "CNI plugin directory, or several joined with ':' (default: build bridge and host-local into "+lab.DefaultCNIBinDir()+")")
+	f.BoolVar(&up.WithSluice, "with-sluice", false, "run a node agent and a ztunnel stand-in on every node and chain sluice-cni after the bridge plugin")
+	f.StringVar(&up.SluiceBinDir, "sluice-bin", "", "directory holding sluice-agent and sluice-cni (default: sluicectl's own directory)")
 	f.BoolVar(&up.Recreate, "recreate", false, "remove an existing lab of the same name first")
 	return c
 }
@@ -118,7 +123,7 @@ func newLabDownCommand(o *labOptions) *cobra.Command {
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(c.Context(), 2*time.Minute)
 			defer cancel()
-			if err := lab.CleanupConfig(ctx, o.config()); err != nil {
+			if err := labDown(ctx, o.config()); err != nil {
 				return err
 			}
 			fmt.Fprintf(o.stdout, "lab %s is down\n", o.name)
@@ -144,6 +149,20 @@ func newLabStatusCommand(o *labOptions) *cobra.Command {
 			return nil
 		},
 	}
+}
+
+// printNodeServices tells where each node's agent and ztunnel stand-in log, and how to
+// look at them.
+func printNodeServices(w io.Writer, l *lab.Lab) {
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tAGENT LOG\tZTUNNEL STAND-IN LOG\tBPF PINS")
+	for _, n := range l.Nodes() {
+		p := pathsOf(n)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", n.Name, p.agentLog, p.ztunnelLog, pinDir(n))
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\nAgent metrics: sluicectl lab exec%s node0 -- curl -s %s/metrics\n", nameFlag(l), agentMetricsAddr)
 }
 
 // existingLabs lists the labs with state in the default place.

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/sluicemesh/sluice/test/lab"
@@ -35,8 +34,17 @@ type LabUpOptions struct {
 	// builds bridge and host-local into lab.DefaultCNIBinDir().
 	CNIBinDir string
 	// WithSluice chains sluice-cni after the bridge plugin, each node's copy talking to
-	// the agent socket in its node directory.
+	// the agent socket in its node directory, and starts a node agent and a ztunnel
+	// stand-in on every node before the first pod.
 	WithSluice bool
+	// SluiceBinDir holds sluice-agent and sluice-cni (and sluicectl, run as the ztunnel
+	// stand-in); default the directory of the running executable, where `make build`
+	// puts them all. sluice-cni is looked up there when CNIBinDir lacks it.
+	SluiceBinDir string
+	// StartZtunnel starts what serves the in-pod listeners of node n once its agent is
+	// up; it should return once started, not wait for pods. Nil starts the passthrough
+	// stand-in (package test/passthrough) as a detached `sluicectl lab passthrough`.
+	StartZtunnel func(ctx context.Context, l *lab.Lab, n lab.Node) error
 	// Recreate removes a lab of the same name first, also one left by a crash.
 	Recreate bool
 	Logger   *slog.Logger // nil discards
@@ -70,16 +78,21 @@ func LabUp(ctx context.Context, opts LabUpOptions) (_ *lab.Lab, err error) {
 	}
 	cfg := lab.Config{Name: opts.Name, Nodes: opts.Nodes, StateDir: opts.StateDir, CNIBinDir: opts.CNIBinDir, Logger: opts.Logger}
 	if opts.WithSluice {
-		if opts.CNIBinDir == "" {
-			return nil, fmt.Errorf("--with-sluice needs --cni-bin naming a directory with %s (plus bridge and host-local)", sluicePluginType)
+		if opts.SluiceBinDir == "" {
+			opts.SluiceBinDir = defaultSluiceBinDir()
 		}
-		if _, err := os.Stat(filepath.Join(opts.CNIBinDir, sluicePluginType)); err != nil {
-			return nil, fmt.Errorf("--with-sluice: %s not found in %s: %w", sluicePluginType, opts.CNIBinDir, err)
+		if _, err := findBinary(opts.SluiceBinDir, agentBinary); err != nil {
+			return nil, fmt.Errorf("--with-sluice: %w", err)
 		}
+		binPath, err := sluiceCNIBinPath(ctx, opts.CNIBinDir, opts.SluiceBinDir)
+		if err != nil {
+			return nil, err
+		}
+		cfg.CNIBinDir = binPath
 		cfg.ExtraPlugins = append(cfg.ExtraPlugins, sluicePluginConf())
 	}
 	if opts.Recreate {
-		if err := lab.CleanupConfig(ctx, cfg); err != nil {
+		if err := labDown(ctx, cfg); err != nil {
 			return nil, fmt.Errorf("remove the old lab: %w", err)
 		}
 	}
@@ -92,7 +105,7 @@ func LabUp(ctx context.Context, opts LabUpOptions) (_ *lab.Lab, err error) {
 		if err != nil {
 			dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 			defer cancel()
-			err = errors.Join(err, l.Down(dctx))
+			err = errors.Join(err, labDown(dctx, l.Config()))
 		}
 	}()
 	if err := startNodeServices(ctx, l, opts); err != nil {
@@ -112,18 +125,40 @@ func LabUp(ctx context.Context, opts LabUpOptions) (_ *lab.Lab, err error) {
 			}
 		}
 	}
+	if opts.WithSluice {
+		if err := waitPodsCaptured(ctx, l); err != nil {
+			return nil, err
+		}
+	}
 	return l, nil
 }
 
-// startNodeServices starts what runs on every node before pods (node agent, ztunnel).
-// Start long-running processes with n.Command, detached (SysProcAttr.Setsid), so they
-// outlive sluicectl in the node's host cgroup, where `lab down` kills them; point them at
-// lab.RegistryDir() for pods and at n.Dir for their sockets (see sluicePluginConf).
-// Nothing is wired yet: with WithSluice, pod ADDs fail closed until an agent serves
-// <node dir>/cni.sock.
+// startNodeServices starts what runs on every node before pods: with WithSluice, the
+// node agent (sluice-agent, in local mode on the lab's registry) and then ztunnel's
+// stand-in. Both run in the node's netns and host cgroup, detached, so they outlive
+// sluicectl and `lab down` kills them; their sockets and logs are in the node's
+// directory.
 func startNodeServices(ctx context.Context, l *lab.Lab, opts LabUpOptions) error {
-	if opts.WithSluice {
-		opts.Logger.Warn("lab up: no node agent is started yet; sluice-cni fails pod ADD closed until one serves the socket", "socket", filepath.Join(l.Node(0).Dir, "cni.sock"))
+	if !opts.WithSluice {
+		return nil
+	}
+	agentBin, err := findBinary(opts.SluiceBinDir, agentBinary)
+	if err != nil {
+		return err
+	}
+	for _, n := range l.Nodes() {
+		if err := startAgent(ctx, l, n, agentBin); err != nil {
+			return err
+		}
+		opts.Logger.Debug("node agent up", "node", n.Name, "log", pathsOf(n).agentLog)
+		if opts.StartZtunnel != nil {
+			err = opts.StartZtunnel(ctx, l, n)
+		} else {
+			err = startPassthroughProcess(l, n, opts.SluiceBinDir)
+		}
+		if err != nil {
+			return err
+		}
 	}
 	return nil
 }
