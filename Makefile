@@ -6,7 +6,7 @@ BIN := $(CURDIR)/bin
 CACHE ?= $(HOME)/.cache/sluice
 APT_PACKAGES := clang-19 llvm-19 bpftool iproute2 iperf3 tcpdump libbpf-dev linux-libc-dev iptables util-linux procps
 
-.PHONY: all deps generate check-generate build test test-unit bench demo lab-down clean
+.PHONY: all deps generate check-generate build test test-unit bench demo lab lab-down clean
 
 all: build
 
@@ -50,8 +50,13 @@ bench: deps build
 demo: deps build
 	$(BIN)/sluicectl lab demo
 
+# lab brings up a two-node lab with node agents and leaves it running.
+lab: deps build
+	$(BIN)/sluicectl lab up --with-sluice --ambient
+
 lab-down:
 	-$(BIN)/sluicectl lab down
+	-$(BIN)/sluicectl lab down --name demo
 
 clean:
 	rm -rf $(BIN)
