@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // fixture is one enrolled "pod" namespace wired by a veth to a "peer" namespace, with a
@@ -305,8 +307,15 @@ func TestKernelMetricsMatchBytes(t *testing.T) {
 			if err != nil || n != payload {
 				t.Fatalf("echo: %d bytes, %v", n, err)
 			}
-			c.Close()
 			received := uint64(payload + len(l1) + len(l2) + 2)
+			// With acceleration the bytes skip TCP altogether: the kernel's own count of
+			// acknowledged bytes on the application's socket stays near zero.
+			if acked := tcpBytesAcked(t, c); accel && acked > payload/10 {
+				t.Errorf("accelerated: TCP acknowledged %d of %d bytes; sk_msg is not redirecting", acked, payload)
+			} else if !accel && acked < payload {
+				t.Errorf("not accelerated: TCP acknowledged only %d of %d bytes", acked, payload)
+			}
+			c.Close()
 
 			var got Counters
 			deadline := time.Now().Add(3 * time.Second)
@@ -362,6 +371,21 @@ func TestKernelMetricsMatchBytes(t *testing.T) {
 			}
 		})
 	}
+}
+
+func tcpBytesAcked(t *testing.T, c net.Conn) uint64 {
+	t.Helper()
+	rc, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var info *unix.TCPInfo
+	var ierr error
+	rc.Control(func(fd uintptr) { info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) })
+	if ierr != nil {
+		t.Fatal(ierr)
+	}
+	return info.Bytes_acked
 }
 
 func TestDNSCapture(t *testing.T) {

@@ -27,7 +27,7 @@ int sluice_sk_msg(struct sk_msg_md *msg)
 		  v->remote_ip6[1], v->remote_ip6[2], v->remote_ip6[3]);
 	addr_pick(&key.remote, msg->family == AF_INET, v->local_ip4, v->local_ip6[0],
 		  v->local_ip6[1], v->local_ip6[2], v->local_ip6[3]);
-	key.local_port = bpf_ntohl(msg->remote_port) >> 16;
+	key.local_port = bpf_ntohl(msg->remote_port); /* the port sits in the top half, network order */
 	key.remote_port = msg->local_port;
 
 	if (bpf_msg_redirect_hash(msg, &local_hop, &key, BPF_F_INGRESS) != SK_PASS)
