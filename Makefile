@@ -33,7 +33,7 @@ check-generate: generate
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cni/cmd/... ./sluicectl/
+	$(GO) build -o $(BIN)/ ./cni/cmd/... ./ztunnel/cmd/... ./sluicectl/
 
 test: deps
 	$(GO) vet ./...
@@ -52,7 +52,7 @@ demo: deps build
 
 # lab brings up a two-node lab with node agents and leaves it running.
 lab: deps build
-	$(BIN)/sluicectl lab up --with-sluice --ambient
+	$(BIN)/sluicectl lab up --with-sluice --ztunnel --ambient
 
 lab-down:
 	-$(BIN)/sluicectl lab down

@@ -3,7 +3,7 @@ package agent
 import (
 	"context"
 
-	"github.com/sluicemesh/sluice/cni/cniapi"
+	"github.com/sluicemesh/sluice/internal/workload"
 	corev1 "k8s.io/api/core/v1"
 )
 
@@ -26,20 +26,11 @@ type Source interface {
 	Namespaces() []*corev1.Namespace
 }
 
-// InMesh decides membership as Istio's ambient mode does: the namespace carries
-// istio.io/dataplane-mode=ambient and the pod does not opt out with =none. Host-network
-// pods are never captured: their network namespace is the node's.
+// InMesh decides whether the agent captures pod (see workload.Ambient). Unlike
+// workload.Ambient it also needs the namespace to be known: a pod whose namespace the
+// source has not seen yet is left alone until it has.
 func InMesh(pod *corev1.Pod, ns *corev1.Namespace) bool {
-	if pod == nil || ns == nil || pod.Spec.HostNetwork {
-		return false
-	}
-	if pod.Labels[cniapi.DataplaneModeLabel] == cniapi.DataplaneModeNone {
-		return false
-	}
-	if pod.Labels[cniapi.DataplaneModeLabel] == cniapi.DataplaneModeAmbient {
-		return true
-	}
-	return ns.Labels[cniapi.DataplaneModeLabel] == cniapi.DataplaneModeAmbient
+	return ns != nil && workload.Ambient(pod, ns)
 }
 
 func podKey(namespace, name string) string { return namespace + "/" + name }

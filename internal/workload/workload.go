@@ -67,3 +67,27 @@ func ServiceAccount(pod *corev1.Pod) string {
 	}
 	return "default"
 }
+
+// Labels that decide ambient membership, as Istio's.
+const (
+	DataplaneModeLabel   = "istio.io/dataplane-mode"
+	DataplaneModeAmbient = "ambient"
+	DataplaneModeNone    = "none"
+)
+
+// Ambient decides membership as Istio's ambient mode does: the namespace carries
+// istio.io/dataplane-mode=ambient (or the pod itself does) and the pod does not opt out
+// with =none. Host-network pods are never in the mesh: their network namespace is the
+// node's.
+func Ambient(pod *corev1.Pod, ns *corev1.Namespace) bool {
+	if pod == nil || pod.Spec.HostNetwork {
+		return false
+	}
+	switch pod.Labels[DataplaneModeLabel] {
+	case DataplaneModeNone:
+		return false
+	case DataplaneModeAmbient:
+		return true
+	}
+	return ns != nil && ns.Labels[DataplaneModeLabel] == DataplaneModeAmbient
+}

@@ -79,6 +79,7 @@ func newLabUpCommand(o *labOptions) *cobra.Command {
 	f.BoolVar(&up.Ambient, "ambient", false, "label the namespace istio.io/dataplane-mode=ambient")
 	f.StringVar(&up.CNIBinDir, "cni-bin", "", "CNI plugin directory, or several joined with ':' (default: build bridge and host-local into "+lab.DefaultCNIBinDir()+")")
 	f.BoolVar(&up.WithSluice, "with-sluice", false, "run a node agent and a ztunnel stand-in on every node and chain sluice-cni after the bridge plugin")
+	f.BoolVar(&up.Ztunnel, "ztunnel", false, "with --with-sluice: run the real ztunnel (HBONE, mutual TLS, L4 policy) instead of the passthrough stand-in")
 	f.StringVar(&up.SluiceBinDir, "sluice-bin", "", "directory holding sluice-agent and sluice-cni (default: sluicectl's own directory)")
 	f.BoolVar(&up.Recreate, "recreate", false, "remove an existing lab of the same name first")
 	return c

@@ -37,6 +37,10 @@ type LabUpOptions struct {
 	// the agent socket in its node directory, and starts a node agent and a ztunnel
 	// stand-in on every node before the first pod.
 	WithSluice bool
+	// Ztunnel runs the real ztunnel (HBONE, mutual TLS, L4 policy) on every node instead
+	// of the passthrough stand-in. It reads the lab's registry directory as its local
+	// config, so Istio policies dropped there (e.g. <state>/registry/policies/*.yaml) apply.
+	Ztunnel bool
 	// SluiceBinDir holds sluice-agent and sluice-cni (and sluicectl, run as the ztunnel
 	// stand-in); default the directory of the running executable, where `make build`
 	// puts them all. sluice-cni is looked up there when CNIBinDir lacks it.
@@ -151,9 +155,12 @@ func startNodeServices(ctx context.Context, l *lab.Lab, opts LabUpOptions) error
 			return err
 		}
 		opts.Logger.Debug("node agent up", "node", n.Name, "log", pathsOf(n).agentLog)
-		if opts.StartZtunnel != nil {
+		switch {
+		case opts.StartZtunnel != nil:
 			err = opts.StartZtunnel(ctx, l, n)
-		} else {
+		case opts.Ztunnel:
+			err = startZtunnelProcess(l, n, opts.SluiceBinDir)
+		default:
 			err = startPassthroughProcess(l, n, opts.SluiceBinDir)
 		}
 		if err != nil {

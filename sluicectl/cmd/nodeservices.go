@@ -25,6 +25,7 @@ import (
 const (
 	agentBinary     = "sluice-agent"
 	sluicectlBinary = "sluicectl"
+	ztunnelBinary   = "ztunnel"
 )
 
 // Where each node's services keep their sockets and logs, under the node's directory.
@@ -142,6 +143,35 @@ func startPassthroughProcess(l *lab.Lab, n lab.Node, sluiceBin string) error {
 	case err := <-exited:
 		return fmt.Errorf("the ztunnel stand-in on %s exited at once (%v); its log %s:\n%s", n.Name, err, p.ztunnelLog, tailFile(p.ztunnelLog, 20))
 	case <-time.After(200 * time.Millisecond):
+		return nil
+	}
+}
+
+// startZtunnelProcess starts the real ztunnel for node n, detached in the node's netns
+// and host cgroup, in local mode: its config is the lab's registry of manifests, and its
+// certificates come from a CA kept in the lab's state directory (shared by all nodes).
+func startZtunnelProcess(l *lab.Lab, n lab.Node, sluiceBin string) error {
+	exe, err := findBinary(sluiceBin, ztunnelBinary)
+	if err != nil {
+		return err
+	}
+	p := pathsOf(n)
+	exited, err := startDetached(n, p.ztunnelLog, exe,
+		"--config", l.RegistryDir(),
+		"--zds-socket", p.ztunnelSocket,
+		"--bpf-instance", n.Name,
+		"--ca-dir", filepath.Join(l.StateDir(), "ca"),
+		"--node-name", n.Name,
+		"--admin-addr", "127.0.0.1:15000",
+		"--metrics-addr", ":15020",
+		"--readiness-addr", ":15021")
+	if err != nil {
+		return fmt.Errorf("start ztunnel on %s: %w", n.Name, err)
+	}
+	select {
+	case err := <-exited:
+		return fmt.Errorf("ztunnel on %s exited at once (%v); its log %s:\n%s", n.Name, err, p.ztunnelLog, tailFile(p.ztunnelLog, 20))
+	case <-time.After(300 * time.Millisecond):
 		return nil
 	}
 }

@@ -82,35 +82,48 @@ func ParseLocalConfig(version uint64, data []byte) (*Snapshot, []error, error) {
 }
 
 // WatchLocalConfig loads path into store and reloads it when it changes, until ctx
-// ends. The first load must succeed; later bad versions are logged and the last good
-// snapshot stays in force.
+// ends. path is a LocalConfig file, or a directory of Kubernetes manifests (ParseDir).
+// The first load must succeed; later bad versions are logged and the last good snapshot
+// stays in force.
 func WatchLocalConfig(ctx context.Context, path string, store *Store, log *slog.Logger) error {
 	var (
 		version uint64
-		lastMod time.Time
-		lastLen int64
+		last    string
 	)
 	load := func() error {
 		st, err := os.Stat(path)
 		if err != nil {
 			return err
 		}
-		if st.ModTime().Equal(lastMod) && st.Size() == lastLen {
+		stamp := fmt.Sprintf("%d:%d", st.Size(), st.ModTime().UnixNano())
+		if st.IsDir() {
+			if stamp, err = dirStamp(path); err != nil {
+				return err
+			}
+		}
+		if stamp == last {
 			return nil
 		}
-		data, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
 		version++
-		snap, warnings, err := ParseLocalConfig(version, data)
+		var (
+			snap     *Snapshot
+			warnings []error
+		)
+		if st.IsDir() {
+			snap, warnings, err = ParseDir(version, path)
+		} else {
+			var data []byte
+			if data, err = os.ReadFile(path); err == nil {
+				snap, warnings, err = ParseLocalConfig(version, data)
+			}
+		}
 		if err != nil {
 			return err
 		}
 		for _, w := range warnings {
 			log.Warn("local config", "problem", w)
 		}
-		lastMod, lastLen = st.ModTime(), st.Size()
+		last = stamp
 		store.Replace(snap)
 		log.Info("local config loaded", "path", path, "version", version,
 			"workloads", len(snap.Workloads()), "services", len(snap.Services()))

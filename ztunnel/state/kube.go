@@ -1,0 +1,247 @@
+package state
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io/fs"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/sluicemesh/sluice/internal/workload"
+	"github.com/sluicemesh/sluice/ztunnel/policy"
+)
+
+// ParseDir builds a snapshot from a directory of Kubernetes manifests: Namespaces, Pods,
+// Services and Istio AuthorizationPolicy / PeerAuthentication objects, in any *.yaml,
+// *.yml or *.json file (multi-document YAML too), in any subfolder. It is local mode's
+// stand-in for the controller: the same objects a cluster would have, converted the way
+// the controller will. Other kinds are ignored.
+func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
+	docs, err := readDocs(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	var (
+		pods     []*corev1.Pod
+		nss      = map[string]*corev1.Namespace{}
+		svcs     []*corev1.Service
+		authz    []policy.AuthorizationPolicy
+		peer     []policy.PeerAuthentication
+		warnings []error
+	)
+	for _, d := range docs {
+		var meta struct {
+			Kind string `json:"kind"`
+		}
+		if err := json.Unmarshal(d.json, &meta); err != nil {
+			return nil, nil, fmt.Errorf("%s: %w", d.where, err)
+		}
+		switch meta.Kind {
+		case "Pod":
+			var p corev1.Pod
+			if err := json.Unmarshal(d.json, &p); err != nil {
+				warnings = append(warnings, fmt.Errorf("%s: Pod ignored: %w", d.where, err))
+				continue
+			}
+			pods = append(pods, &p)
+		case "Namespace":
+			var n corev1.Namespace
+			if err := json.Unmarshal(d.json, &n); err != nil {
+				warnings = append(warnings, fmt.Errorf("%s: Namespace ignored: %w", d.where, err))
+				continue
+			}
+			nss[n.Name] = &n
+		case "Service":
+			var s corev1.Service
+			if err := json.Unmarshal(d.json, &s); err != nil {
+				warnings = append(warnings, fmt.Errorf("%s: Service ignored: %w", d.where, err))
+				continue
+			}
+			svcs = append(svcs, &s)
+		case "AuthorizationPolicy":
+			ap, err := policy.ParseAuthorizationPolicyYAML(d.json)
+			if ap.Name == "" {
+				// Unidentifiable: dropping it could open access, so refuse the whole set.
+				return nil, nil, fmt.Errorf("%s: AuthorizationPolicy without a readable metadata.name: %v", d.where, err)
+			}
+			authz = append(authz, ap)
+		case "PeerAuthentication":
+			pa, err := policy.ParsePeerAuthenticationYAML(d.json)
+			if pa.Name == "" {
+				return nil, nil, fmt.Errorf("%s: PeerAuthentication without a readable metadata.name: %v", d.where, err)
+			}
+			peer = append(peer, pa)
+		}
+	}
+	ws := workloadsFromPods(pods, nss)
+	ss, serr := servicesFromKube(svcs)
+	warnings = append(warnings, serr...)
+	set, perr := policy.Compile(rootNamespace(nss), authz, peer)
+	snap, errs := NewSnapshot(version, "", ws, ss, set)
+	return snap, append(append(warnings, perr...), errs...), nil
+}
+
+// rootNamespace is istio-system: Istio's default, which local mode keeps.
+func rootNamespace(map[string]*corev1.Namespace) string { return policy.DefaultRootNamespace }
+
+func workloadsFromPods(pods []*corev1.Pod, nss map[string]*corev1.Namespace) []*Workload {
+	var out []*Workload
+	for _, p := range pods {
+		if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		var ips []netip.Addr
+		for _, ip := range p.Status.PodIPs {
+			if a, err := netip.ParseAddr(ip.IP); err == nil {
+				ips = append(ips, a)
+			}
+		}
+		if len(ips) == 0 {
+			if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
+				ips = append(ips, a)
+			}
+		}
+		if len(ips) == 0 {
+			continue // not started yet
+		}
+		ns := p.Namespace
+		if ns == "" {
+			ns = "default"
+		}
+		proto := TCP
+		if workload.Ambient(p, nss[ns]) {
+			proto = HBONE
+		}
+		out = append(out, &Workload{
+			UID: string(p.UID), Name: p.Name, Namespace: ns, ServiceAccount: workload.ServiceAccount(p),
+			Node: p.Spec.NodeName, IPs: ips, Labels: p.Labels, Protocol: proto,
+			WorkloadName: workload.Name(p), CanonicalName: workload.CanonicalService(p), CanonicalRevision: workload.CanonicalRevision(p),
+		})
+	}
+	return out
+}
+
+func servicesFromKube(svcs []*corev1.Service) ([]*Service, []error) {
+	var (
+		out  []*Service
+		errs []error
+	)
+	for _, s := range svcs {
+		ns := s.Namespace
+		if ns == "" {
+			ns = "default"
+		}
+		svc := &Service{Name: s.Name, Namespace: ns, Hostname: s.Name + "." + ns + ".svc.cluster.local", Selector: s.Spec.Selector}
+		ips := s.Spec.ClusterIPs
+		if len(ips) == 0 && s.Spec.ClusterIP != "" {
+			ips = []string{s.Spec.ClusterIP}
+		}
+		for _, ip := range ips {
+			if a, err := netip.ParseAddr(ip); err == nil {
+				svc.VIPs = append(svc.VIPs, a)
+			}
+		}
+		if len(svc.VIPs) == 0 {
+			continue // headless: clients reach pods by their own addresses
+		}
+		for _, p := range s.Spec.Ports {
+			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+				continue
+			}
+			sp := ServicePort{Name: p.Name, Port: uint16(p.Port), TargetPort: uint16(p.Port)}
+			if p.TargetPort.IntVal != 0 {
+				sp.TargetPort = uint16(p.TargetPort.IntVal)
+			} else if p.TargetPort.StrVal != "" {
+				errs = append(errs, fmt.Errorf("service %s/%s port %d: named targetPort %q is not supported in local mode yet; using the service port", ns, s.Name, p.Port, p.TargetPort.StrVal))
+			}
+			svc.Ports = append(svc.Ports, sp)
+		}
+		out = append(out, svc)
+	}
+	return out, errs
+}
+
+type doc struct {
+	where string
+	json  []byte
+}
+
+func readDocs(dir string) ([]doc, error) {
+	var docs []doc
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() || !isManifest(path) {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		for i, part := range splitYAML(b) {
+			if len(bytes.TrimSpace(part)) == 0 {
+				continue
+			}
+			j, err := yaml.YAMLToJSON(part)
+			if err != nil {
+				return fmt.Errorf("%s (document %d): %w", path, i+1, err)
+			}
+			if string(j) == "null" {
+				continue
+			}
+			docs = append(docs, doc{where: fmt.Sprintf("%s#%d", path, i+1), json: j})
+		}
+		return nil
+	})
+	return docs, err
+}
+
+func isManifest(path string) bool {
+	return strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml") || strings.HasSuffix(path, ".json")
+}
+
+// splitYAML splits a multi-document YAML file at its "---" lines.
+func splitYAML(b []byte) [][]byte {
+	var (
+		out [][]byte
+		cur []byte
+	)
+	for _, line := range bytes.SplitAfter(b, []byte("\n")) {
+		if t := bytes.TrimSpace(line); bytes.Equal(t, []byte("---")) {
+			out = append(out, cur)
+			cur = nil
+			continue
+		}
+		cur = append(cur, line...)
+	}
+	return append(out, cur)
+}
+
+// dirStamp summarizes a directory's manifests (names, sizes, times) to notice changes.
+func dirStamp(dir string) (string, error) {
+	var parts []string
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() || !isManifest(path) {
+			return nil
+		}
+		info, err := d.Info()
+		if err != nil {
+			return nil
+		}
+		parts = append(parts, fmt.Sprintf("%s:%d:%d", path, info.Size(), info.ModTime().UnixNano()))
+		return nil
+	})
+	sort.Strings(parts)
+	return strings.Join(parts, "|"), err
+}

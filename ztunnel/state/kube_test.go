@@ -1,0 +1,104 @@
+package state
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sluicemesh/sluice/ztunnel/policy"
+)
+
+const manifests = `apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {istio.io/dataplane-mode: ambient}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: cart-7d9f8c-x1
+  namespace: shop
+  uid: u-cart
+  labels: {app: cart, version: v2, pod-template-hash: 7d9f8c}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: cart-7d9f8c, uid: rs, controller: true}]
+spec: {nodeName: n1, serviceAccountName: cart, containers: [{name: c, image: x}]}
+status: {podIP: 10.244.0.5, podIPs: [{ip: 10.244.0.5}], phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: shop, uid: u-legacy, labels: {istio.io/dataplane-mode: none}}
+spec: {nodeName: n1, containers: [{name: c, image: x}]}
+status: {podIPs: [{ip: 10.244.0.6}], phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, namespace: shop, uid: u-pending}
+spec: {nodeName: n1, containers: [{name: c, image: x}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cart, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: cart}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+`
+
+const policies = `apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+`
+
+func TestParseDir(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "cluster.yaml"), []byte(manifests), 0o644)
+	os.MkdirAll(filepath.Join(dir, "policies"), 0o755)
+	os.WriteFile(filepath.Join(dir, "policies", "strict.yaml"), []byte(policies), 0o644)
+	os.WriteFile(filepath.Join(dir, "README.md"), []byte("not a manifest"), 0o644)
+
+	snap, warnings, err := ParseDir(1, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(warnings) != 0 {
+		t.Errorf("warnings: %v", warnings)
+	}
+	cart, ok := snap.WorkloadByIP(netip.MustParseAddr("10.244.0.5"))
+	if !ok {
+		t.Fatal("cart pod missing")
+	}
+	if cart.Protocol != HBONE || cart.WorkloadName != "cart" || cart.CanonicalRevision != "v2" ||
+		cart.Identity().String() != "spiffe://cluster.local/ns/shop/sa/cart" {
+		t.Errorf("cart = %+v (identity %s)", cart, cart.Identity())
+	}
+	if legacy, _ := snap.WorkloadByUID("u-legacy"); legacy == nil || legacy.Protocol != TCP {
+		t.Errorf("opted-out pod should be plain TCP: %+v", legacy)
+	}
+	if _, ok := snap.WorkloadByUID("u-pending"); ok {
+		t.Error("a pod without an address became a workload")
+	}
+	svc, ok := snap.ServiceByVIP(netip.MustParseAddr("10.96.0.20"))
+	if !ok || len(snap.Endpoints(svc)) != 1 {
+		t.Fatalf("service cart: %+v", svc)
+	}
+	if p, _ := svc.Target(80); p != 8080 {
+		t.Errorf("target port %d", p)
+	}
+	if m := snap.Policy.Mode(policy.Workload{Namespace: "shop"}, 8080); m != policy.ModeStrict {
+		t.Errorf("PeerAuthentication from a subfolder not applied: %s", m)
+	}
+
+	os.WriteFile(filepath.Join(dir, "bad.yaml"), []byte("kind: AuthorizationPolicy\nspec: {}\n"), 0o644)
+	if _, _, err := ParseDir(2, dir); err == nil || !strings.Contains(err.Error(), "metadata.name") {
+		t.Errorf("an unidentifiable policy must reject the whole directory, got %v", err)
+	}
+}
