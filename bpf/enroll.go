@@ -158,17 +158,48 @@ func RegisterInboundListener(pinDir string, podIP netip.Addr, ln syscall.Conn) e
 	return nil
 }
 
-// UnregisterInboundListener removes the listener registered for podIP.
-func UnregisterInboundListener(pinDir string, podIP netip.Addr) error {
+// UnregisterInboundListener removes the listener registered for podIP, but only if it is
+// still ln: during a handover the successor has registered its own, which must stay.
+func UnregisterInboundListener(pinDir string, podIP netip.Addr, ln syscall.Conn) error {
 	m, err := ebpf.LoadPinnedMap(pinDir+"/inbound_listeners", nil)
 	if err != nil {
 		return err
 	}
 	defer m.Close()
-	if err := m.Delete(toAddr(podIP.Unmap())); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+	key := toAddr(podIP.Unmap())
+	var registered uint64 // a SOCKHASH answers lookups with the socket's cookie
+	if err := m.Lookup(key, &registered); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return err
+	}
+	mine, err := socketCookie(ln)
+	if err != nil {
+		return err
+	}
+	if registered != mine {
+		return nil
+	}
+	if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return err
 	}
 	return nil
+}
+
+func socketCookie(c syscall.Conn) (uint64, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var (
+		cookie uint64
+		gerr   error
+	)
+	if err := rc.Control(func(fd uintptr) { cookie, gerr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE) }); err != nil {
+		return 0, err
+	}
+	return cookie, gerr
 }
 
 // NetnsCookie returns the kernel's cookie for the network namespace at path.

@@ -179,7 +179,9 @@ func (p *Proxy) Delete(uid string) error {
 
 func (pd *pod) close(pinDir string) {
 	for _, ip := range pd.ips {
-		bpf.UnregisterInboundListener(pinDir, ip)
+		if len(pd.listeners) > 1 {
+			bpf.UnregisterInboundListener(pinDir, ip, pd.listeners[1].(*net.TCPListener))
+		}
 	}
 	for _, l := range pd.listeners {
 		l.Close()

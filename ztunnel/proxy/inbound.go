@@ -48,7 +48,7 @@ func (p *Proxy) handleHBONE(ps *podServer, c *net.TCPConn) {
 		p.log.Info("HBONE peer without a SPIFFE identity", "peer", c.RemoteAddr(), "err", err)
 		return
 	}
-	ctx := context.WithValue(context.Background(), peerKey{}, peer{id: id, addr: netip.MustParseAddrPort(c.RemoteAddr().String())})
+	ctx := context.WithValue(p.draining, peerKey{}, peer{id: id, addr: netip.MustParseAddrPort(c.RemoteAddr().String())})
 	srv := &hbone.Server{Handler: func(ctx context.Context, req *hbone.Request, s *hbone.Stream) {
 		p.handleInbound(ctx, ps, req, s)
 	}, Logger: p.log}

@@ -61,6 +61,11 @@ type Proxy struct {
 
 	conns  registry
 	active sync.WaitGroup
+
+	// draining is cancelled by Shutdown: HBONE connections then send GOAWAY, so peers
+	// open new connections (to a successor ztunnel) while streams in flight finish.
+	draining context.Context
+	drainNow context.CancelFunc
 }
 
 // New builds a proxy; serve pods by passing it to a zds.Client as its Handler.
@@ -81,6 +86,7 @@ func New(cfg Config) *Proxy {
 		cfg.AccessLog = cfg.Logger
 	}
 	p := &Proxy{cfg: cfg, log: cfg.Logger, pods: map[string]*podServer{}}
+	p.draining, p.drainNow = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Logger: cfg.Logger.With("component", "hbone-pool")}
 	cfg.Store.Subscribe(func(_, _ *state.Snapshot) {
 		if n := p.conns.reevaluate(); n > 0 {
@@ -105,6 +111,7 @@ type podServer struct {
 	ips       []netip.Addr
 	netns     *PodNetns
 	listeners []*net.TCPListener
+	inbound   *net.TCPListener // the plaintext listener registered for sk_lookup
 }
 
 // workload is the pod as the current snapshot knows it, or as the node agent described
@@ -180,6 +187,7 @@ func (p *Proxy) open(ps *podServer) error {
 		return err
 	}
 	ps.listeners = append(ps.listeners, in)
+	ps.inbound = in
 	hb, err := ps.netns.Listen(fmt.Sprintf(":%d", HBONEPort))
 	if err != nil {
 		return err
@@ -214,14 +222,23 @@ func (p *Proxy) acceptLoop(ps *podServer, ln *net.TCPListener, handle func(*podS
 }
 
 func (ps *podServer) close(pinDir string) {
-	for _, ip := range ps.ips {
-		bpf.UnregisterInboundListener(pinDir, ip)
-	}
+	ps.unregister(pinDir)
 	for _, l := range ps.listeners {
 		l.Close()
 	}
 	ps.listeners = nil
 	ps.netns.Close()
+}
+
+// unregister withdraws the pod's plaintext listener from sk_lookup, unless a successor
+// ztunnel has registered its own already.
+func (ps *podServer) unregister(pinDir string) {
+	if ps.inbound == nil {
+		return
+	}
+	for _, ip := range ps.ips {
+		bpf.UnregisterInboundListener(pinDir, ip, ps.inbound)
+	}
 }
 
 // Keep implements zds.Handler: the agent restarted and still captures the pod; keep
@@ -272,10 +289,14 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 	p.pods = map[string]*podServer{}
 	p.mu.Unlock()
 	for _, ps := range pods {
+		// Withdraw the plaintext listener before closing it, so sk_lookup finds the
+		// successor's (or drops) rather than a closed socket.
+		ps.unregister(p.cfg.PinDir)
 		for _, l := range ps.listeners {
 			l.Close()
 		}
 	}
+	p.drainNow()
 	done := make(chan struct{})
 	go func() { p.active.Wait(); close(done) }()
 	var err error
@@ -288,9 +309,7 @@ func (p *Proxy) Shutdown(ctx context.Context) error {
 		}
 	}
 	for _, ps := range pods {
-		for _, ip := range ps.ips {
-			bpf.UnregisterInboundListener(p.cfg.PinDir, ip)
-		}
+		ps.unregister(p.cfg.PinDir)
 		ps.netns.Close()
 	}
 	p.pool.Close()

@@ -142,6 +142,12 @@ func (p *PodNetns) prepareDelivery() error {
 		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_fwmark_accept", []byte("1"), 0o644); err != nil {
 			return fmt.Errorf("set tcp_fwmark_accept in the pod: %w", err)
 		}
+		// When a ztunnel hands over to its successor (both listen with SO_REUSEPORT), the
+		// connections waiting in the old listener's queue move to the new one instead of
+		// being reset.
+		if err := os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1"), 0o644); err != nil {
+			return fmt.Errorf("set tcp_migrate_req in the pod: %w", err)
+		}
 		h, err := netlink.NewHandleAt(netns.None())
 		if err != nil {
 			return err
