@@ -73,6 +73,8 @@ type mesh struct {
 	caDir     string
 	zt        []*ztunnel
 	pods      []*lab.Pod
+	// signDelay slows every certificate issuance down, as a busy CA would.
+	signDelay time.Duration
 	policies  string
 	version   uint64
 }
@@ -100,7 +102,7 @@ func (m *mesh) startZtunnel(t *testing.T, n *meshlab.Node, certTTL time.Duration
 	logs := &syncBuffer{}
 	log := slog.New(slog.NewTextHandler(io.MultiWriter(logs, os.Stderr), &slog.HandlerOptions{Level: slog.LevelInfo}))
 	z := &ztunnel{logs: logs, reg: prometheus.NewRegistry(), stopped: make(chan struct{})}
-	z.ids = &identity.Manager{Signer: identity.LocalSigner{CA: m.authority, TTL: certTTL}, Logger: log}
+	z.ids = &identity.Manager{Signer: slowSigner{identity.LocalSigner{CA: m.authority, TTL: certTTL}, &m.signDelay}, Logger: log}
 	z.ids.SetRoots("cluster.local", m.authority.Roots())
 	z.proxy = proxy.New(proxy.Config{Store: m.store, Identity: z.ids, Metrics: proxy.NewMetrics(z.reg),
 		PinDir: n.PinDir(), NodeName: n.Name, Logger: log})
@@ -723,4 +725,40 @@ func TestRestartRefusesNoConnection(t *testing.T) {
 	if !strings.Contains(m.zt[1].logs.String(), "direction=inbound") {
 		t.Error("the new ztunnel carried no connection")
 	}
+}
+
+// slowSigner delays each issuance by *delay.
+type slowSigner struct {
+	identity.LocalSigner
+	delay *time.Duration
+}
+
+func (s slowSigner) Sign(ctx context.Context, csr []byte, id spiffe.ID) ([][]byte, []*x509.Certificate, error) {
+	select {
+	case <-time.After(*s.delay):
+	case <-ctx.Done():
+		return nil, nil, ctx.Err()
+	}
+	return s.LocalSigner.Sign(ctx, csr, id)
+}
+
+func TestConnectionsWaitForTheFirstCertificate(t *testing.T) {
+	m := startMesh(t, time.Hour)
+	m.signDelay = 1500 * time.Millisecond
+	b := m.addPod(t, "mesh", "b", 1)
+	meshlab.Serve(t, b, 8080)
+	a := m.addPod(t, "mesh", "a", 0)
+	// a's certificate is still being issued: the connection must wait for it, not fail
+	// and not go out in the clear.
+	start := time.Now()
+	c := meshlab.Dial(t, a, b.AddrPort(8080).String())
+	got := meshlab.Greeting(t, c)
+	c.Close()
+	if !strings.HasPrefix(got, "b ") {
+		t.Fatalf("greeting %q", got)
+	}
+	if waited := time.Since(start); waited < 500*time.Millisecond {
+		t.Errorf("connection went through after %v, before a certificate could exist", waited)
+	}
+	waitLog(t, m.zt[0], "direction=outbound", "protocol=HBONE")
 }
