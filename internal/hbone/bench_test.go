@@ -27,6 +27,56 @@ func BenchmarkThroughput(b *testing.B) {
 	} {
 		b.Run(bc.name, func(b *testing.B) { benchThroughput(b, bc.tls, bc.download) })
 	}
+	// The same sockets without HTTP/2, for comparison.
+	b.Run("tcp/baseline", func(b *testing.B) { benchBaseline(b, false) })
+	b.Run("tls13/baseline", func(b *testing.B) { benchBaseline(b, true) })
+}
+
+func benchBaseline(b *testing.B, useTLS bool) {
+	const chunk = 32 << 10
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	var serverTLS, clientTLS *tls.Config
+	if useTLS {
+		serverTLS, clientTLS = selfSignedTLS(b)
+		clientTLS.CipherSuites = []uint16{tls.TLS_AES_128_GCM_SHA256}
+	}
+	received := make(chan int64, 1)
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		if useTLS {
+			nc = tls.Server(nc, serverTLS)
+		}
+		defer nc.Close()
+		buf := make([]byte, chunk)
+		n, _ := io.CopyBuffer(io.Discard, struct{ io.Reader }{nc}, buf)
+		received <- n
+	}()
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if useTLS {
+		nc = tls.Client(nc, clientTLS)
+	}
+	buf := make([]byte, chunk)
+	b.SetBytes(chunk)
+	b.ResetTimer()
+	start := time.Now()
+	for range b.N {
+		if _, err := nc.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	nc.Close()
+	<-received
+	b.ReportMetric(float64(b.N)*chunk*8/time.Since(start).Seconds()/1e9, "Gbit/s")
 }
 
 func benchThroughput(b *testing.B, useTLS, download bool) {
@@ -82,8 +132,12 @@ func benchThroughput(b *testing.B, useTLS, download bool) {
 	b.ResetTimer()
 	start := time.Now()
 	if download {
-		if _, err := io.CopyN(io.Discard, s, int64(b.N)*chunk); err != nil {
-			b.Fatal(err)
+		for left := int64(b.N) * chunk; left > 0; {
+			n, err := s.Read(buf[:min(left, chunk)])
+			if err != nil {
+				b.Fatal(err)
+			}
+			left -= int64(n)
 		}
 	} else {
 		for range b.N {
@@ -107,7 +161,7 @@ func BenchmarkIdleStreamMemory(b *testing.B) {
 	const n = 1000
 	for range b.N {
 		var running sync.WaitGroup
-		running.Add(n)
+		running.Add(n + 1) // and the warm-up stream
 		ts := startServer(b, &Server{Handler: func(ctx context.Context, req *Request, s *Stream) {
 			s.Respond(200)
 			running.Done()

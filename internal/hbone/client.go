@@ -29,7 +29,8 @@ type Request struct {
 
 // ClientOptions configure a ClientConn. The zero value gives ztunnel's settings.
 type ClientOptions struct {
-	// StreamWindow is the receive window of each stream; 0 means 4 MiB.
+	// StreamWindow is the receive window of each stream; 0 means 4 MiB. It is
+	// at least 65535, the window the peer may use before it has seen ours.
 	StreamWindow uint32
 	// ConnWindow is the receive window of the connection, shared by all its
 	// streams; 0 means 4 MiB.
@@ -60,13 +61,15 @@ type ClientOptions struct {
 
 func (o *ClientOptions) settings() localSettings {
 	return localSettings{
-		streamWindow:      clampWindow(o.StreamWindow, defaultStreamWindow, 1),
+		streamWindow:      clampWindow(o.StreamWindow, defaultStreamWindow, initialWindowSize),
 		connWindow:        clampWindow(o.ConnWindow, defaultConnWindow, initialWindowSize),
 		maxFrameSize:      clampFrame(o.MaxFrameSize),
 		maxHeaderListSize: orDefault(o.MaxHeaderListSize, defaultMaxHeaderListSize),
 	}
 }
 
+// clampWindow keeps windows at or above lo: a window below the RFC default
+// could be overrun, legitimately, by a peer that has not yet seen our SETTINGS.
 func clampWindow(v, def, lo uint32) uint32 {
 	if v == 0 {
 		v = def

@@ -598,6 +598,10 @@ var errIdle = errors.New("hbone: connection idle")
 // goAwayClose sends GOAWAY with code and closes the connection.
 func (c *conn) goAwayClose(code http2.ErrCode, err error) {
 	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
 	last := c.lastPeerStream
 	c.goAwaySent = true
 	c.mu.Unlock()

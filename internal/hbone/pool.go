@@ -63,7 +63,7 @@ type Pool struct {
 	dials  map[PoolKey]*dialCall
 	closed bool
 
-	dialCount, dialErrors, reuses atomic.Uint64
+	dialCount, dialErrors, opened atomic.Uint64
 }
 
 // dialCall is a dial in progress, shared by every Connect for its key.
@@ -78,7 +78,7 @@ type PoolStats struct {
 	Streams    int    // open streams on them
 	Dials      uint64 // connections dialed
 	DialErrors uint64 // dials that failed
-	Reuses     uint64 // streams opened on an existing connection
+	Opened     uint64 // streams opened
 }
 
 // Connect opens a stream for req on a connection for key: one with a free
@@ -97,6 +97,7 @@ func (p *Pool) Connect(ctx context.Context, key PoolKey, req Request) (*Stream, 
 		var s *Stream
 		s, err = cc.connectReserved(ctx, req)
 		if err == nil {
+			p.opened.Add(1)
 			return s, nil
 		}
 		if !errors.Is(err, ErrStreamRefused) || ctx.Err() != nil {
@@ -118,7 +119,6 @@ func (p *Pool) acquire(ctx context.Context, key PoolKey) (*ClientConn, error) {
 		for _, cc := range p.conns[key] {
 			if cc.reserve() {
 				p.mu.Unlock()
-				p.reuses.Add(1)
 				return cc, nil
 			}
 		}
@@ -216,7 +216,7 @@ func (p *Pool) Stats() PoolStats {
 	st := PoolStats{
 		Dials:      p.dialCount.Load(),
 		DialErrors: p.dialErrors.Load(),
-		Reuses:     p.reuses.Load(),
+		Opened:     p.opened.Load(),
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()

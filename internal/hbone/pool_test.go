@@ -78,7 +78,7 @@ func TestPoolBurstSharesOneDial(t *testing.T) {
 		t.Fatalf("a burst of 60 Connects dialed %d times, want 1", n)
 	}
 	st := p.Stats()
-	if st.Conns != 1 || st.Streams != 60 || st.Reuses != 60 {
+	if st.Conns != 1 || st.Streams != 60 || st.Opened != 60 || st.Dials != 1 {
 		t.Fatalf("stats %+v", st)
 	}
 	// A different key gets its own connection.

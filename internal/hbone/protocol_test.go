@@ -230,9 +230,9 @@ func TestProtocolErrors(t *testing.T) {
 			rc.fr.WriteWindowUpdate(0, 0)
 			rc.expectGoAway(http2.ErrCodeProtocol)
 		}},
-		{name: "stream flow control violated", srv: Server{StreamWindow: 1024}, run: func(rc *rawClient) {
+		{name: "stream flow control violated", srv: Server{StreamWindow: 65535}, run: func(rc *rawClient) {
 			rc.connect(1)
-			rc.fr.WriteData(1, false, make([]byte, 2000))
+			rc.fr.WriteData(1, false, make([]byte, 65536))
 			rc.expectRST(1, http2.ErrCodeFlowControl)
 			rc.alive()
 		}},
@@ -466,5 +466,49 @@ func TestPingFloodWithoutReading(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("server kept queueing PING ACKs for a client that does not read")
+	}
+}
+
+// The peer's settings bind what we send: frame size, and stream windows that
+// SETTINGS_INITIAL_WINDOW_SIZE changes while a Write is blocked.
+func TestPeerSettingsApply(t *testing.T) {
+	const size = 100 << 10
+	srv := &Server{Handler: func(ctx context.Context, req *Request, s *Stream) {
+		s.Respond(200)
+		s.Write(make([]byte, size))
+		s.CloseWrite()
+		<-ctx.Done()
+	}}
+	rc := newRawClient(t, srv, false)
+	io.WriteString(rc.nc, http2.ClientPreface)
+	rc.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1000})
+	rc.fr.WriteWindowUpdate(0, 1<<20)
+	rc.connect(1)
+	got := 0
+	rc.expect("the first 1000 bytes", func(f frameSummary) bool {
+		if f.typ == http2.FrameData {
+			got += f.data
+		}
+		return got == 1000
+	})
+	// Blocked on the stream window; more window comes from new settings.
+	select {
+	case f := <-rc.frames:
+		t.Fatalf("sent beyond the stream window: %v", f)
+	case <-time.After(50 * time.Millisecond):
+	}
+	rc.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 1 << 20})
+	rc.expect("the rest, in frames of at most 16 KiB", func(f frameSummary) bool {
+		if f.typ != http2.FrameData {
+			return false
+		}
+		if f.data > 16384 {
+			t.Fatalf("DATA frame of %d bytes; the peer's SETTINGS_MAX_FRAME_SIZE is 16384", f.data)
+		}
+		got += f.data
+		return f.flags.Has(http2.FlagDataEndStream)
+	})
+	if got != size {
+		t.Fatalf("got %d bytes, want %d", got, size)
 	}
 }

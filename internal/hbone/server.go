@@ -29,7 +29,7 @@ type Server struct {
 	Handler func(ctx context.Context, req *Request, s *Stream)
 
 	// MaxConcurrentStreams is advertised to clients; 0 means 100.
-	MaxConcurrentStreams uint32
+	MaxConcurrentStreams int
 	// PingInterval is how often a PING checks that the client is alive; 0 means
 	// 10 s, negative disables keepalive.
 	PingInterval time.Duration
@@ -37,7 +37,7 @@ type Server struct {
 	// means 20 s.
 	PingTimeout time.Duration
 	// StreamWindow and ConnWindow are the receive windows of each stream and of
-	// each connection; 0 means 4 MiB.
+	// each connection; 0 means 4 MiB, and neither goes below 65535.
 	StreamWindow, ConnWindow uint32
 	// MaxFrameSize is the largest frame clients may send; 0 means 1 MiB.
 	MaxFrameSize uint32
@@ -63,11 +63,11 @@ func (srv *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 		return errors.New("hbone: Server.Handler is nil")
 	}
 	ls := localSettings{
-		streamWindow:      clampWindow(srv.StreamWindow, defaultStreamWindow, 1),
+		streamWindow:      clampWindow(srv.StreamWindow, defaultStreamWindow, initialWindowSize),
 		connWindow:        clampWindow(srv.ConnWindow, defaultConnWindow, initialWindowSize),
 		maxFrameSize:      clampFrame(srv.MaxFrameSize),
 		maxHeaderListSize: orDefault(srv.MaxHeaderListSize, defaultMaxHeaderListSize),
-		maxStreams:        orDefault(srv.MaxConcurrentStreams, defaultMaxConcurrentStreams),
+		maxStreams:        uint32(max(orDefault(srv.MaxConcurrentStreams, defaultMaxConcurrentStreams), 1)),
 	}
 	c := newConn(nc, roleServer, ls, srv.Logger)
 	sc := &serverConn{srv: srv, c: c, base: context.WithoutCancel(ctx)}

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 )
 
 // countingHandler reads the request body to EOF, checks its digest against the
@@ -107,8 +108,8 @@ func TestTransferBeyondWindows(t *testing.T) {
 		size         int
 		streams      int
 	}{
-		{"tiny windows", 1 << 10, 64 << 10, 2 << 20, 4},
-		{"small windows", 64 << 10, 96 << 10, 8 << 20, 3},
+		{"minimum windows", 1, 1, 4 << 20, 4},
+		{"small windows", 96 << 10, 128 << 10, 8 << 20, 3},
 		{"default windows", 0, 0, 24 << 20, 2},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -382,7 +383,7 @@ func TestDeadlines(t *testing.T) {
 	ts := startServer(t, &Server{Handler: func(ctx context.Context, req *Request, s *Stream) {
 		s.Respond(200)
 		<-ctx.Done()
-	}, StreamWindow: 1 << 10}, nil)
+	}}, nil)
 	cc := ts.dial(t, ClientOptions{})
 	s, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:80"})
 	if err != nil {
@@ -411,12 +412,12 @@ func TestDeadlines(t *testing.T) {
 	if err := <-readErr; !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Read after deadline moved: %v", err)
 	}
-	// The handler never reads, so its 1 KiB window fills and Write blocks
-	// until the write deadline.
-	s.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
-	n, err := s.Write(make([]byte, 64<<10))
-	if !errors.Is(err, os.ErrDeadlineExceeded) || n != 1<<10 {
-		t.Fatalf("Write = %d, %v; want 1024 and deadline exceeded", n, err)
+	// The handler never reads, so the 4 MiB stream window fills and Write
+	// blocks until the write deadline.
+	s.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	n, err := s.Write(make([]byte, 5<<20))
+	if !errors.Is(err, os.ErrDeadlineExceeded) || n != 4<<20 {
+		t.Fatalf("Write = %d, %v; want 4 MiB and deadline exceeded", n, err)
 	}
 	s.SetDeadline(time.Time{})
 }
@@ -494,5 +495,16 @@ func TestHandlerPanicResetsStream(t *testing.T) {
 	defer s.Close()
 	if _, err := io.ReadAll(s); !isStreamErr(err, 0x2) {
 		t.Fatalf("read: %v, want INTERNAL_ERROR reset", err)
+	}
+}
+
+// Chunk types must fill their allocation size class exactly, or every chunk
+// wastes the rest of it.
+func TestChunkSizeClasses(t *testing.T) {
+	if got := unsafe.Sizeof(smallChunk{}); got != 2048 {
+		t.Errorf("smallChunk is %d bytes, want 2048", got)
+	}
+	if got := unsafe.Sizeof(bigChunk{}); got != 32768 {
+		t.Errorf("bigChunk is %d bytes, want 32768", got)
 	}
 }
