@@ -6,6 +6,11 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/hbone"
 )
 
 // bufPool lends copy buffers only while data moves: an idle connection holds none, which
@@ -16,6 +21,7 @@ var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }
 type halfCloser interface {
 	io.ReadWriter
 	CloseWrite() error
+	Close() error
 }
 
 // counter receives byte counts as they flow (Prometheus counters, access log totals).
@@ -31,9 +37,9 @@ func (c *counter) Add(n int) {
 	}
 }
 
-// pipe copies both directions until both are done, propagating half-close: when one side
-// finishes sending, the other side's write half is closed, and the opposite direction
-// keeps flowing. It returns the first real error (not EOF).
+// pipe copies both directions until both are done, propagating half-close (one side
+// finished sending: close the other's write half, the opposite direction keeps flowing)
+// and resets (one side aborted: abort the other). It returns the first real error.
 func pipe(a, b halfCloser, aToB, bToA *counter) error {
 	errc := make(chan error, 1)
 	go func() { errc <- copyClientToUpstream(b, a, aToB) }()
@@ -41,21 +47,117 @@ func pipe(a, b halfCloser, aToB, bToA *counter) error {
 	return errors.Join(err, <-errc)
 }
 
-// copyClientToUpstream and copyUpstreamToClient are the same loop; the names make stack
+// copyClientToUpstream and copyUpstreamToClient are the same copy; the names make stack
 // dumps readable.
 func copyClientToUpstream(dst, src halfCloser, c *counter) error { return copyHalf(dst, src, c) }
 func copyUpstreamToClient(dst, src halfCloser, c *counter) error { return copyHalf(dst, src, c) }
 
-// copyHalf reads and writes rather than io.Copy: splice(2) would miss bytes that sk_msg
-// acceleration placed on the socket, and it borrows the buffer only per read.
 func copyHalf(dst, src halfCloser, c *counter) error {
+	var err error
+	switch s := src.(type) {
+	case *hbone.Stream:
+		// The stream hands over its received chunks itself: no buffer of ours at all.
+		_, err = s.WriteTo(countingWriter{dst, c})
+	case *net.TCPConn:
+		err = copyFromTCP(dst, s, c)
+	default:
+		err = copyLoop(dst, src, c)
+	}
+	return finish(dst, err)
+}
+
+// finish ends dst's direction the way src's ended: a clean end half-closes, an abort
+// aborts.
+func finish(dst halfCloser, err error) error {
+	switch {
+	case err == nil || errors.Is(err, io.EOF):
+		return dst.CloseWrite()
+	case errors.Is(err, net.ErrClosed):
+		return nil
+	case isReset(err):
+		abort(dst)
+		return nil
+	}
+	abort(dst)
+	return err
+}
+
+func isReset(err error) bool {
+	var se *hbone.StreamError
+	return errors.As(err, &se) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// abort closes a connection so its peer sees a reset, not a clean end.
+func abort(c halfCloser) {
+	if tc, ok := c.(*net.TCPConn); ok {
+		tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+type countingWriter struct {
+	w io.Writer
+	c *counter
+}
+
+func (cw countingWriter) Write(p []byte) (int, error) {
+	n, err := cw.w.Write(p)
+	if cw.c != nil && n > 0 {
+		cw.c.Add(n)
+	}
+	return n, err
+}
+
+// copyFromTCP waits until the socket is readable before borrowing a buffer, so a held
+// but quiet connection owns no buffer. It reads and writes rather than splicing: splice
+// would miss bytes sk_msg acceleration placed on the socket.
+func copyFromTCP(dst io.Writer, src *net.TCPConn, c *counter) error {
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var (
+		peek    [1]byte
+		peekErr error
+	)
+	waitReadable := func(fd uintptr) bool {
+		_, _, peekErr = unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return peekErr != unix.EAGAIN
+	}
+	for {
+		if err := rc.Read(waitReadable); err != nil {
+			return err
+		}
+		if peekErr != nil {
+			// The peek collected the socket's pending error (a reset): report it, a read
+			// now would only say EOF.
+			return &net.OpError{Op: "read", Net: "tcp", Err: peekErr}
+		}
+		bp := bufPool.Get().(*[]byte)
+		n, rerr := src.Read(*bp)
+		if n > 0 {
+			if _, werr := dst.Write((*bp)[:n]); werr != nil {
+				bufPool.Put(bp)
+				return werr
+			}
+			if c != nil {
+				c.Add(n)
+			}
+		}
+		bufPool.Put(bp)
+		if rerr != nil {
+			return rerr
+		}
+	}
+}
+
+func copyLoop(dst io.Writer, src io.Reader, c *counter) error {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
-	buf := *bp
 	for {
-		n, err := src.Read(buf)
+		n, err := src.Read(*bp)
 		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
+			if _, werr := dst.Write((*bp)[:n]); werr != nil {
 				return werr
 			}
 			if c != nil {
@@ -63,13 +165,6 @@ func copyHalf(dst, src halfCloser, c *counter) error {
 			}
 		}
 		if err != nil {
-			cerr := dst.CloseWrite()
-			if errors.Is(err, io.EOF) {
-				return cerr
-			}
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
 			return err
 		}
 	}
