@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // fixture is one enrolled "pod" namespace wired by a veth to a "peer" namespace, with a
@@ -30,7 +32,7 @@ const (
 
 func newFixture(t *testing.T, cfg Config) *fixture {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	short := fmt.Sprintf("sb%d", time.Now().UnixNano()%100000)
 	f := &fixture{pod: newNS(t, short+"-pod"), peer: newNS(t, short+"-peer")}
 	wire(t, f.pod, f.peer, podIP, peerIP)

@@ -18,18 +18,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// requireRoot skips without root, except in CI where a skip would hide a failure.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root and CI runs as root")
-	}
-	t.Skip("needs root")
-}
-
 // testNS is a named network namespace made for one test and deleted after it.
 type testNS struct {
 	name   string

@@ -27,6 +27,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
+	"github.com/sluicemesh/sluice/internal/testutil"
 	"github.com/sluicemesh/sluice/test/lab"
 )
 
@@ -76,17 +77,6 @@ type fakeCall struct {
 	Command, ContainerID, Netns, Args string
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("lab tests need root (network namespaces, cgroups); CI must run them as root")
-	}
-	t.Skip("lab tests need root (network namespaces, cgroups)")
-}
-
 var (
 	pluginsOnce sync.Once
 	pluginsErr  error
@@ -115,7 +105,7 @@ func testLogger(t *testing.T) *slog.Logger {
 // left) and tears it down at the end of the test, checking that nothing stays behind.
 func newLab(t *testing.T, name string, nodes int) *lab.Lab {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	bin := cniBin(t)
 	if err := lab.Cleanup(name); err != nil {
 		t.Fatalf("clear leftovers of an earlier run: %v", err)
@@ -504,7 +494,7 @@ func netnsExistsAt(path string) bool {
 
 func TestExtraPluginsJoinTheChain(t *testing.T) {
 	t.Parallel()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	const name = "ltplug"
 	exe, err := os.Executable()
 	if err != nil {
@@ -661,7 +651,7 @@ func TestConcurrentAddAndDelete(t *testing.T) {
 
 func TestUpFailingHalfwayLeavesNothing(t *testing.T) {
 	t.Parallel()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	const name = "ltfail"
 	bin := cniBin(t)
 	if err := lab.Cleanup(name); err != nil {
@@ -714,7 +704,7 @@ func TestHostNetworkPod(t *testing.T) {
 
 func TestDownRemovesEverything(t *testing.T) {
 	t.Parallel()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	const name = "ltdown"
 	bin := cniBin(t)
 	if err := lab.Cleanup(name); err != nil {
@@ -751,7 +741,7 @@ func TestDownRemovesEverything(t *testing.T) {
 // removes the remains with Cleanup, which knows only the name.
 func TestCleanupAfterCrash(t *testing.T) {
 	t.Parallel()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	const name = "ltcrash"
 	cniBin(t)
 	if err := lab.Cleanup(name); err != nil {
@@ -794,7 +784,7 @@ func TestCleanupAfterCrash(t *testing.T) {
 
 func TestCleanupWithoutStateFile(t *testing.T) {
 	t.Parallel()
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	const name = "ltnostate"
 	if err := lab.Cleanup(name); err != nil {
 		t.Fatal(err)

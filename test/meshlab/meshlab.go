@@ -19,23 +19,12 @@ import (
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/agent"
 	"github.com/sluicemesh/sluice/cni/install"
+	"github.com/sluicemesh/sluice/internal/testutil"
 	"github.com/sluicemesh/sluice/test/lab"
 )
 
 // AmbientLabel is the label that puts a namespace (or pod) in the mesh.
 const AmbientLabel = "istio.io/dataplane-mode"
-
-// RequireRoot skips without root, except in CI where a skip would hide a failure.
-func RequireRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root and CI runs as root")
-	}
-	t.Skip("needs root")
-}
 
 // Options shape the lab.
 type Options struct {
@@ -103,7 +92,7 @@ type World struct {
 // per node. Everything is removed when the test ends.
 func Up(t testing.TB, opts Options) *World {
 	t.Helper()
-	RequireRoot(t)
+	testutil.RequireRoot(t)
 	if opts.Nodes == 0 {
 		opts.Nodes = 2
 	}
