@@ -15,7 +15,7 @@ import (
 
 // bufPool lends copy buffers only while data moves: an idle connection holds none, which
 // is most of what keeps ztunnel's memory per held connection small.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
 
 // halfCloser is a connection whose write side can be closed alone.
 type halfCloser interface {
@@ -108,45 +108,59 @@ func (cw countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// copyFromTCP waits until the socket is readable before borrowing a buffer, so a held
-// but quiet connection owns no buffer. It reads and writes rather than splicing: splice
-// would miss bytes sk_msg acceleration placed on the socket.
+// copyFromTCP reads straight from the socket inside the poller's callback: the buffer is
+// borrowed for the read and handed back if there is nothing to read, so a held but quiet
+// connection owns no buffer, and no extra system call is spent asking first. It reads and
+// writes rather than splicing: splice would miss bytes sk_msg acceleration placed on the
+// socket.
 func copyFromTCP(dst io.Writer, src *net.TCPConn, c *counter) error {
 	rc, err := src.SyscallConn()
 	if err != nil {
 		return err
 	}
 	var (
-		peek    [1]byte
-		peekErr error
+		bp   *[]byte
+		n    int
+		rerr error
 	)
-	waitReadable := func(fd uintptr) bool {
-		_, _, peekErr = unix.Recvfrom(int(fd), peek[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return peekErr != unix.EAGAIN
+	read := func(fd uintptr) bool {
+		bp = bufPool.Get().(*[]byte)
+		n, rerr = unix.Read(int(fd), *bp)
+		if rerr == unix.EAGAIN {
+			bufPool.Put(bp)
+			bp = nil
+			return false // wait for readability, holding nothing
+		}
+		if rerr == unix.EINTR {
+			bufPool.Put(bp)
+			bp = nil
+			return false
+		}
+		return true
 	}
 	for {
-		if err := rc.Read(waitReadable); err != nil {
+		if err := rc.Read(read); err != nil {
+			if bp != nil {
+				bufPool.Put(bp)
+			}
 			return err
 		}
-		if peekErr != nil {
-			// The peek collected the socket's pending error (a reset): report it, a read
-			// now would only say EOF.
-			return &net.OpError{Op: "read", Net: "tcp", Err: peekErr}
+		switch {
+		case rerr != nil:
+			bufPool.Put(bp)
+			return &net.OpError{Op: "read", Net: "tcp", Err: rerr}
+		case n == 0:
+			bufPool.Put(bp)
+			return io.EOF
 		}
-		bp := bufPool.Get().(*[]byte)
-		n, rerr := src.Read(*bp)
-		if n > 0 {
-			if _, werr := dst.Write((*bp)[:n]); werr != nil {
-				bufPool.Put(bp)
-				return werr
-			}
-			if c != nil {
-				c.Add(n)
-			}
-		}
+		_, werr := dst.Write((*bp)[:n])
 		bufPool.Put(bp)
-		if rerr != nil {
-			return rerr
+		bp = nil
+		if werr != nil {
+			return werr
+		}
+		if c != nil {
+			c.Add(n)
 		}
 	}
 }
