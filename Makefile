@@ -4,9 +4,9 @@ GO ?= go
 BIN := $(CURDIR)/bin
 # Tools built from Go modules live outside the work tree, keyed by version.
 CACHE ?= $(HOME)/.cache/sluice
-APT_PACKAGES := clang-19 llvm-19 bpftool iproute2 iperf3 tcpdump libbpf-dev linux-libc-dev iptables util-linux procps
+APT_PACKAGES := clang-19 llvm-19 bpftool iproute2 iperf3 tcpdump libbpf-dev linux-libc-dev iptables util-linux procps stunnel4 haproxy
 
-.PHONY: all deps generate check-generate build test test-unit bench demo lab lab-down clean
+.PHONY: all deps generate check-generate build test test-unit bench bench-ztunnel demo lab lab-down clean
 
 all: build
 
@@ -46,6 +46,11 @@ test-unit:
 
 bench: deps build
 	$(GO) run ./test/bench/capture -out docs/bench/capture.md
+
+# bench-ztunnel compares ztunnel with direct traffic, stunnel and HAProxy (about 4
+# minutes); it builds its own binaries.
+bench-ztunnel: deps
+	$(GO) run ./test/bench/ztunnel -out docs/bench/ztunnel.md
 
 demo: deps build
 	$(BIN)/sluicectl lab demo

@@ -43,6 +43,11 @@ const (
 	// not hold the connection's writer for long and a frame fits the write buffer.
 	maxDataFrame = writeBufSize - 9
 
+	// IdealWrite is the Stream.Write size that costs least: exactly one DATA frame
+	// that, with its header, fills the write buffer and so whole TLS records, with no
+	// small remainder frame (and tiny TLS record) behind it.
+	IdealWrite = maxDataFrame
+
 	// maxQueuedControl bounds the control frames (PING and SETTINGS ACKs,
 	// RST_STREAMs, WINDOW_UPDATEs) waiting for the writer. A peer that makes us
 	// queue more while not reading what we send is abusive.

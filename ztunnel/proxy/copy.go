@@ -125,7 +125,8 @@ func copyFromTCP(dst io.Writer, src *net.TCPConn, c *counter) error {
 	)
 	read := func(fd uintptr) bool {
 		bp = bufPool.Get().(*[]byte)
-		n, rerr = unix.Read(int(fd), *bp)
+		// Reads of hbone.IdealWrite become one DATA frame in whole TLS records.
+		n, rerr = unix.Read(int(fd), (*bp)[:hbone.IdealWrite])
 		if rerr == unix.EAGAIN {
 			bufPool.Put(bp)
 			bp = nil
