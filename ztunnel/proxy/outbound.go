@@ -47,7 +47,7 @@ func (p *Proxy) handleOutbound(ps *podServer, c *net.TCPConn) {
 	}
 	rec.up = &up
 	ctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
-	defer cancel()
+	defer cancel() // released right after connecting too: it must not live as long as the connection
 	labels := connLabels{reporter: "source", src: src, dst: up.DstWorkload, srcIdentity: rec.srcIdentity,
 		dstService: up.DstService, mTLS: up.Protocol == state.HBONE}
 	if !up.PeerIdentity.IsZero() {
@@ -71,6 +71,7 @@ func (p *Proxy) handleOutbound(ps *podServer, c *net.TCPConn) {
 		}
 		upstream = s
 	}
+	cancel()
 	defer closeQuietly(upstream)
 	cc := p.cfg.Metrics.counters(labels)
 	sent, received := &counter{}, &counter{}
