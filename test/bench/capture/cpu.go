@@ -3,14 +3,12 @@
 package main
 
 import (
-	"fmt"
-	"os"
 	"runtime"
-	"strconv"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/test/bench/benchutil"
 )
 
 // pinThread keeps the calling OS thread, which must be locked, on cpu and returns what
@@ -57,31 +55,11 @@ type cpuSnapshot struct {
 	own         time.Duration // this process, user + system
 }
 
-// clockTick is USER_HZ, the unit of /proc/stat, which is 100 on every Linux ABI Go runs on.
-const clockTick = 10 * time.Millisecond
-
 func takeCPUSnapshot() (cpuSnapshot, error) {
 	var s cpuSnapshot
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
+	var err error
+	if s.busy, s.total, err = benchutil.MachineCPU(); err != nil {
 		return s, err
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	fields := strings.Fields(line)
-	if len(fields) < 8 || fields[0] != "cpu" {
-		return s, fmt.Errorf("unexpected /proc/stat line %q", line)
-	}
-	// user nice system idle iowait irq softirq steal ...
-	for i, f := range fields[1:min(len(fields), 9)] {
-		v, err := strconv.ParseUint(f, 10, 64)
-		if err != nil {
-			return s, fmt.Errorf("parse /proc/stat: %w", err)
-		}
-		d := time.Duration(v) * clockTick
-		s.total += d
-		if i != 3 && i != 4 { // idle, iowait
-			s.busy += d
-		}
 	}
 	var ru unix.Rusage
 	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {

@@ -20,12 +20,12 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/test/bench/benchutil"
 	"github.com/sluicemesh/sluice/test/lab"
 )
 
@@ -133,18 +133,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 		return err
 	}
 	report := b.report(res, machineFacts(ctx, start), time.Since(start))
-	if o.out == "-" {
-		_, err = os.Stdout.WriteString(report)
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
-		return err
-	}
-	if err := os.WriteFile(o.out, []byte(report), 0o644); err != nil {
-		return fmt.Errorf("write report: %w", err)
-	}
-	log.Info("report written", "path", o.out, "took", time.Since(start).Round(time.Second))
-	return nil
+	return benchutil.WriteReport(o.out, report, log, start)
 }
 
 // cleanupLeftovers removes what a crashed run left: the lab (netns, cgroups, state) and

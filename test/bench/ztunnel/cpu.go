@@ -12,11 +12,9 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
-)
 
-// clockTick is USER_HZ, the unit of /proc/stat and /proc/<pid>/stat: 100 on every Linux
-// ABI Go runs on.
-const clockTick = 10 * time.Millisecond
+	"github.com/sluicemesh/sluice/test/bench/benchutil"
+)
 
 // cpuSnapshot is the machine's CPU time and what the benchmark's own processes used, at
 // one moment. The benchmark's work runs in the lab's cgroups (tunnels, agents, iperf3,
@@ -40,26 +38,9 @@ type cpuUse struct {
 
 func takeCPUSnapshot(labCgroup string) (cpuSnapshot, error) {
 	var s cpuSnapshot
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
+	var err error
+	if s.busy, s.total, err = benchutil.MachineCPU(); err != nil {
 		return s, err
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	fields := strings.Fields(line)
-	if len(fields) < 8 || fields[0] != "cpu" {
-		return s, fmt.Errorf("unexpected /proc/stat line %q", line)
-	}
-	// user nice system idle iowait irq softirq steal
-	for i, f := range fields[1:min(len(fields), 9)] {
-		v, err := strconv.ParseUint(f, 10, 64)
-		if err != nil {
-			return s, fmt.Errorf("parse /proc/stat: %w", err)
-		}
-		d := time.Duration(v) * clockTick
-		s.total += d
-		if i != 3 && i != 4 { // idle, iowait
-			s.busy += d
-		}
 	}
 	if labCgroup != "" {
 		if s.lab, err = cgroupCPU(labCgroup); err != nil {

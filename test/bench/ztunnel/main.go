@@ -29,6 +29,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sluicemesh/sluice/test/bench/benchutil"
 )
 
 // The load Istio publishes its ztunnel figures with: fortio at 1000 requests/s over 16
@@ -158,18 +160,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 	}
 	res.took = time.Since(start)
 	report := b.report(res, machineFacts(start, t))
-	if o.out == "-" {
-		_, err = os.Stdout.WriteString(report)
-		return err
-	}
-	if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil {
-		return err
-	}
-	if err := os.WriteFile(o.out, []byte(report), 0o644); err != nil {
-		return fmt.Errorf("write report: %w", err)
-	}
-	log.Info("report written", "path", o.out, "took", time.Since(start).Round(time.Second))
-	return nil
+	return benchutil.WriteReport(o.out, report, log, start)
 }
 
 // modes are the ways from the client pod to the server pod, in the report's order.

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/sluicemesh/sluice/test/bench/benchutil"
 )
 
 // proc is a process the benchmark started (a tunnel, an agent, a server): kept so that
@@ -138,7 +140,7 @@ func (p *proc) cpuTime() (time.Duration, error) {
 	if err := errors.Join(err1, err2); err != nil {
 		return 0, fmt.Errorf("CPU time of %s: %w", p.name, err)
 	}
-	return time.Duration(utime+stime) * clockTick, nil
+	return time.Duration(utime+stime) * benchutil.ClockTick, nil
 }
 
 // rss is the process's resident set (VmRSS) in bytes.
