@@ -124,17 +124,7 @@ func run() error {
 		mux.Handle("/stats/prometheus", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 		return serve(gctx, *metricsAddr, mux)
 	})
-	g.Go(func() error {
-		mux := http.NewServeMux()
-		mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
-			if !ready.Load() {
-				http.Error(w, "not ready: waiting for config", http.StatusServiceUnavailable)
-				return
-			}
-			fmt.Fprintln(w, "ready")
-		})
-		return serve(gctx, *readyAddr, mux)
-	})
+	g.Go(func() error { return serve(gctx, *readyAddr, readinessMux(&ready)) })
 	err = g.Wait()
 	drainCtx, cancel := context.WithTimeout(context.Background(), *drain)
 	defer cancel()
@@ -148,6 +138,19 @@ func defaultWorkers() int {
 		return v
 	}
 	return max(1, runtime.NumCPU()/4)
+}
+
+// readinessMux answers /healthz/ready: 503 until the first config is loaded.
+func readinessMux(ready *atomic.Bool) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) {
+		if !ready.Load() {
+			http.Error(w, "not ready: waiting for config", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
 }
 
 func adminMux(store *state.Store, ids *identity.Manager) *http.ServeMux {
