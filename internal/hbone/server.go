@@ -202,6 +202,14 @@ func (sc *serverConn) refuse(id uint32, status int, peerEnded bool) {
 }
 
 func (sc *serverConn) runHandler(s *Stream) {
+	end := func() {
+		s.Close()
+		sc.c.mu.Lock()
+		sc.running--
+		sc.c.mu.Unlock()
+		sc.handlers.Done()
+	}
+	s.detach = end
 	defer func() {
 		if r := recover(); r != nil {
 			sc.c.log.Error("hbone handler panicked", "authority", s.req.Authority, "panic", r, "stack", string(debug.Stack()))
@@ -209,17 +217,33 @@ func (sc *serverConn) runHandler(s *Stream) {
 		}
 		s.mu.Lock()
 		responded := s.status != 0
+		detached := s.detached
 		s.mu.Unlock()
 		if !responded {
 			_ = s.Respond(http.StatusServiceUnavailable)
 		}
-		s.Close()
-		sc.c.mu.Lock()
-		sc.running--
-		sc.c.mu.Unlock()
-		sc.handlers.Done()
+		if !detached {
+			end()
+		}
 	}()
 	sc.srv.Handler(s.ctx, s.req, s)
+}
+
+// Detach lets the Handler return while the stream carries on (server side): the stream
+// is no longer closed when the Handler returns, and end must be called exactly once when
+// the caller is done with it; it closes the stream and releases its handler slot (and
+// ServeConn waits for it like for a running Handler). A proxy uses it to carry a
+// long-lived stream on goroutines with small stacks instead of the Handler's.
+func (s *Stream) Detach() (end func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.detach == nil || s.detached {
+		return func() {}
+	}
+	s.detached = true
+	var once sync.Once
+	d := s.detach
+	return func() { once.Do(d) }
 }
 
 // Request returns the CONNECT request of a server-side stream, nil on the

@@ -19,6 +19,11 @@ import (
 // CloseWrite. Always Close a Stream when done with it: Close frees what it holds
 // and returns its unread bytes to the connection's flow-control window.
 type Stream struct {
+	// detach ends a server stream's handler slot; detached means the Handler gave the
+	// stream to its caller (Detach) and will not end it on return.
+	detach   func()
+	detached bool
+
 	c  *conn
 	id uint32
 

@@ -47,6 +47,31 @@ func pipe(a, b halfCloser, aToB, bToA *counter) error {
 	return errors.Join(err, <-errc)
 }
 
+// pipeDetached is pipe on two fresh goroutines: the caller returns at once, so the deep
+// stack of the goroutine that set the connection up is not kept for as long as the
+// connection is held (most of ztunnel's memory per idle connection). finish runs once,
+// after both directions are done, with the first real error.
+func pipeDetached(a, b halfCloser, aToB, bToA *counter, finish func(error)) {
+	var (
+		left  atomic.Int32
+		mu    sync.Mutex
+		first error
+	)
+	left.Store(2)
+	end := func(err error) {
+		if err != nil {
+			mu.Lock()
+			first = errors.Join(first, err)
+			mu.Unlock()
+		}
+		if left.Add(-1) == 0 {
+			finish(first)
+		}
+	}
+	go func() { end(copyClientToUpstream(b, a, aToB)) }()
+	go func() { end(copyUpstreamToClient(a, b, bToA)) }()
+}
+
 // copyClientToUpstream and copyUpstreamToClient are the same copy; the names make stack
 // dumps readable.
 func copyClientToUpstream(dst, src halfCloser, c *counter) error { return copyHalf(dst, src, c) }

@@ -64,7 +64,12 @@ func (p *Proxy) handleInbound(ctx context.Context, ps *podServer, req *hbone.Req
 	dstW := ps.workload(snap)
 	rec := &accessRecord{direction: "inbound", dst: dstW, dstIdentity: dstW.Identity().String(),
 		srcIdentity: pr.id.String(), client: pr.addr, start: start, mTLS: true}
-	defer func() { p.logAccess(rec) }()
+	detached := false
+	defer func() {
+		if !detached {
+			p.logAccess(rec)
+		}
+	}()
 	target, err := netip.ParseAddrPort(req.Authority)
 	if err != nil || !ps.owns(target.Addr()) {
 		rec.err = fmt.Errorf("CONNECT authority %q is not an address of this pod", req.Authority)
@@ -85,13 +90,20 @@ func (p *Proxy) handleInbound(ctx context.Context, ps *podServer, req *hbone.Req
 		s.Respond(503)
 		return
 	}
-	defer app.Close()
 	if err := s.Respond(200); err != nil {
+		app.Close()
 		rec.err = err
 		return
 	}
+	// Carry the stream on fresh goroutines and let this handler's deep stack go.
+	end := s.Detach()
+	detached = true
 	p.carryInbound(ps, rec, s, app, conn, connLabels{reporter: "destination", src: rec.src, dst: dstW,
-		srcIdentity: rec.srcIdentity, dstIdentity: rec.dstIdentity, mTLS: true})
+		srcIdentity: rec.srcIdentity, dstIdentity: rec.dstIdentity, mTLS: true}, func() {
+		app.Close()
+		p.logAccess(rec)
+		end()
+	})
 }
 
 // handlePlaintext serves the pod's 15006: connections from outside the mesh, allowed or
@@ -129,12 +141,13 @@ func (p *Proxy) handlePlaintext(ps *podServer, c *net.TCPConn) {
 		return
 	}
 	defer app.Close()
-	p.carryInbound(ps, rec, c, app, conn, connLabels{reporter: "destination", src: rec.src, dst: dstW, dstIdentity: rec.dstIdentity})
+	p.carryInbound(ps, rec, c, app, conn, connLabels{reporter: "destination", src: rec.src, dst: dstW, dstIdentity: rec.dstIdentity}, nil)
 }
 
 // carryInbound pipes an authorized inbound connection, registered so that a policy
-// change that denies it closes it.
-func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser, app *net.TCPConn, conn policy.Conn, labels connLabels) {
+// change that denies it closes it. With done nil it returns when the connection ends;
+// otherwise it returns at once and calls done when the connection has ended.
+func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser, app *net.TCPConn, conn policy.Conn, labels connLabels, done func()) {
 	var once sync.Once
 	remove := p.conns.add(&tracked{
 		pod: ps.uid,
@@ -151,17 +164,29 @@ func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser
 			})
 		},
 	})
-	defer remove()
 	cc := p.cfg.Metrics.counters(labels)
 	sent, received := &counter{}, &counter{}
 	if cc != nil {
 		cc.opened.Inc()
-		defer cc.closed.Inc()
 		// Reported by the destination: "received" is what the client sent.
 		received.add, sent.add = cc.received.Add, cc.sent.Add
 	}
-	rec.err = pipe(client, app, received, sent)
-	rec.received, rec.sent = received.n.Load(), sent.n.Load()
+	finish := func(err error) {
+		rec.err = err
+		rec.received, rec.sent = received.n.Load(), sent.n.Load()
+		if cc != nil {
+			cc.closed.Inc()
+		}
+		remove()
+		if done != nil {
+			done()
+		}
+	}
+	if done == nil {
+		finish(pipe(client, app, received, sent))
+		return
+	}
+	pipeDetached(client, app, received, sent, finish)
 }
 
 // authorize applies the snapshot's policies (a snapshot without a policy set denies:

@@ -26,8 +26,13 @@ func tlsClient(c net.Conn, cfg *tls.Config) *tls.Conn { return tls.Client(c, cfg
 // handleOutbound carries one connection an application in the pod made: find where it
 // was going, decide the upstream, and tunnel or pass it through.
 func (p *Proxy) handleOutbound(ps *podServer, c *net.TCPConn) {
-	defer c.Close()
 	start := time.Now()
+	detached := false
+	defer func() {
+		if !detached {
+			c.Close()
+		}
+	}()
 	orig, err := bpf.OriginalDst(c)
 	if err != nil {
 		p.log.Warn("outbound connection without an original destination; closing", "pod", ps.info.Namespace+"/"+ps.info.Name, "err", err)
@@ -38,7 +43,11 @@ func (p *Proxy) handleOutbound(ps *podServer, c *net.TCPConn) {
 	client := netip.MustParseAddrPort(c.RemoteAddr().String())
 	rec := &accessRecord{direction: "outbound", src: src, srcIdentity: src.Identity().String(),
 		client: netip.AddrPortFrom(ps.ipOr(client.Addr()), client.Port()), orig: orig, start: start}
-	defer func() { p.logAccess(rec) }()
+	defer func() {
+		if !detached {
+			p.logAccess(rec)
+		}
+	}()
 
 	up, err := buildUpstream(snap, src, orig, p.cfg.Pick)
 	if err != nil {
@@ -72,16 +81,27 @@ func (p *Proxy) handleOutbound(ps *podServer, c *net.TCPConn) {
 		upstream = s
 	}
 	cancel()
-	defer closeQuietly(upstream)
 	cc := p.cfg.Metrics.counters(labels)
 	sent, received := &counter{}, &counter{}
 	if cc != nil {
 		cc.opened.Inc()
-		defer cc.closed.Inc()
 		sent.add, received.add = cc.sent.Add, cc.received.Add
 	}
-	rec.err = pipe(c, upstream, sent, received)
-	rec.sent, rec.received = sent.n.Load(), received.n.Load()
+	// Carry the connection on fresh goroutines and let this one's deep stack go; the
+	// drain on shutdown still waits for it (active).
+	detached = true
+	p.active.Add(1)
+	pipeDetached(c, upstream, sent, received, func(err error) {
+		rec.err = err
+		rec.sent, rec.received = sent.n.Load(), received.n.Load()
+		if cc != nil {
+			cc.closed.Inc()
+		}
+		closeQuietly(upstream)
+		c.Close()
+		p.logAccess(rec)
+		p.active.Done()
+	})
 }
 
 // ipOr is the pod's own address: the application's socket sits on loopback, but the
