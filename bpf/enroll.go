@@ -8,7 +8,6 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
-	"strconv"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -245,11 +244,3 @@ func netnsCookie(ns *os.File) (uint64, error) {
 	r := <-ch
 	return r.cookie, r.err
 }
-
-// OwnNetnsCookie is the cookie of the caller's current network namespace.
-func OwnNetnsCookie() (uint64, error) {
-	return NetnsCookie("/proc/self/ns/net")
-}
-
-// FormatCookie renders a cookie the way pins name it.
-func FormatCookie(c uint64) string { return strconv.FormatUint(c, 10) }

@@ -369,7 +369,7 @@ func (a *Agent) workloadOf(rec *record, pod *corev1.Pod) zds.Workload {
 func (a *Agent) writeMeshStateLocked() {
 	var ambient []string
 	for _, ns := range a.cfg.Source.Namespaces() {
-		if ns.Labels[cniapi.DataplaneModeLabel] == cniapi.DataplaneModeAmbient {
+		if workload.NamespaceAmbient(ns) {
 			ambient = append(ambient, ns.Name)
 		}
 	}

@@ -24,13 +24,6 @@ const (
 	DefaultStateFile   = "/var/run/sluice/mesh-state.json"
 )
 
-// Labels that decide mesh membership; the same as Istio's ambient mode.
-const (
-	DataplaneModeLabel   = "istio.io/dataplane-mode"
-	DataplaneModeAmbient = "ambient"
-	DataplaneModeNone    = "none"
-)
-
 // Request is what the plugin sends the agent for ADD, DEL and CHECK.
 type Request struct {
 	ContainerID  string   `json:"containerID"`

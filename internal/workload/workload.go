@@ -89,5 +89,10 @@ func Ambient(pod *corev1.Pod, ns *corev1.Namespace) bool {
 	case DataplaneModeAmbient:
 		return true
 	}
+	return NamespaceAmbient(ns)
+}
+
+// NamespaceAmbient reports whether a namespace opts its pods into the mesh.
+func NamespaceAmbient(ns *corev1.Namespace) bool {
 	return ns != nil && ns.Labels[DataplaneModeLabel] == DataplaneModeAmbient
 }
