@@ -59,26 +59,42 @@ func ParseLocalConfig(version uint64, data []byte) (*Snapshot, []error, error) {
 		if err := json.Unmarshal(raw, &meta); err != nil {
 			return nil, nil, fmt.Errorf("local config: policies[%d]: %w", i, err)
 		}
-		switch meta.Kind {
-		case "AuthorizationPolicy":
-			ap, err := policy.ParseAuthorizationPolicyYAML(raw)
-			if ap.Name == "" {
-				return nil, nil, fmt.Errorf("local config: policies[%d]: AuthorizationPolicy without a readable metadata.name: %v", i, err)
-			}
-			authz = append(authz, ap)
-		case "PeerAuthentication":
-			pa, err := policy.ParsePeerAuthenticationYAML(raw)
-			if pa.Name == "" {
-				return nil, nil, fmt.Errorf("local config: policies[%d]: PeerAuthentication without a readable metadata.name: %v", i, err)
-			}
-			peer = append(peer, pa)
-		default:
-			return nil, nil, fmt.Errorf("local config: policies[%d]: kind %q is not AuthorizationPolicy or PeerAuthentication", i, meta.Kind)
+		where := fmt.Sprintf("local config: policies[%d]", i)
+		if !isPolicyKind(meta.Kind) {
+			return nil, nil, fmt.Errorf("%s: kind %q is not AuthorizationPolicy or PeerAuthentication", where, meta.Kind)
+		}
+		if err := addPolicy(meta.Kind, raw, where, &authz, &peer); err != nil {
+			return nil, nil, err
 		}
 	}
 	set, warnings := policy.Compile(cfg.RootNamespace, authz, peer)
 	snap, errs := NewSnapshot(version, cfg.TrustDomain, cfg.Workloads, cfg.Services, set)
 	return snap, append(warnings, errs...), nil
+}
+
+func isPolicyKind(kind string) bool {
+	return kind == "AuthorizationPolicy" || kind == "PeerAuthentication"
+}
+
+// addPolicy parses one Istio policy object of the given kind. A policy that cannot even
+// be named is an error for the whole config: dropping it could open access. Anything
+// else wrong with it is left to policy.Compile, which fails it closed.
+func addPolicy(kind string, doc []byte, where string, authz *[]policy.AuthorizationPolicy, peer *[]policy.PeerAuthentication) error {
+	switch kind {
+	case "AuthorizationPolicy":
+		ap, err := policy.ParseAuthorizationPolicyYAML(doc)
+		if ap.Name == "" {
+			return fmt.Errorf("%s: AuthorizationPolicy without a readable metadata.name: %v", where, err)
+		}
+		*authz = append(*authz, ap)
+	case "PeerAuthentication":
+		pa, err := policy.ParsePeerAuthenticationYAML(doc)
+		if pa.Name == "" {
+			return fmt.Errorf("%s: PeerAuthentication without a readable metadata.name: %v", where, err)
+		}
+		*peer = append(*peer, pa)
+	}
+	return nil
 }
 
 // WatchLocalConfig loads path into store and reloads it when it changes, until ctx

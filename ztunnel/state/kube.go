@@ -65,19 +65,10 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 				continue
 			}
 			svcs = append(svcs, &s)
-		case "AuthorizationPolicy":
-			ap, err := policy.ParseAuthorizationPolicyYAML(d.json)
-			if ap.Name == "" {
-				// Unidentifiable: dropping it could open access, so refuse the whole set.
-				return nil, nil, fmt.Errorf("%s: AuthorizationPolicy without a readable metadata.name: %v", d.where, err)
+		case "AuthorizationPolicy", "PeerAuthentication":
+			if err := addPolicy(meta.Kind, d.json, d.where, &authz, &peer); err != nil {
+				return nil, nil, err
 			}
-			authz = append(authz, ap)
-		case "PeerAuthentication":
-			pa, err := policy.ParsePeerAuthenticationYAML(d.json)
-			if pa.Name == "" {
-				return nil, nil, fmt.Errorf("%s: PeerAuthentication without a readable metadata.name: %v", d.where, err)
-			}
-			peer = append(peer, pa)
 		}
 	}
 	ws := workloadsFromPods(pods, nss)
