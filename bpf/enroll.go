@@ -7,12 +7,13 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"runtime"
 	"syscall"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/netnsexec"
 )
 
 // Enroll puts the pod whose network namespace is at netnsPath under capture: its netns
@@ -211,36 +212,19 @@ func NetnsCookie(path string) (uint64, error) {
 	return netnsCookie(ns)
 }
 
-// netnsCookie reads SO_NETNS_COOKIE from a socket made inside ns, on a thread that enters
-// ns and is thrown away afterwards (runtime.LockOSThread without Unlock), so no other
-// goroutine ever runs in the pod's namespace by accident.
+// netnsCookie reads SO_NETNS_COOKIE from a socket made inside ns.
 func netnsCookie(ns *os.File) (uint64, error) {
-	type result struct {
-		cookie uint64
-		err    error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		var r result
-		defer func() { ch <- r }()
-		if err := unix.Setns(int(ns.Fd()), unix.CLONE_NEWNET); err != nil {
-			r.err = fmt.Errorf("enter network namespace %s: %w", ns.Name(), err)
-			return
-		}
+	var cookie uint64
+	err := netnsexec.Do(ns, func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
-			r.err = fmt.Errorf("socket in %s: %w", ns.Name(), err)
-			return
+			return fmt.Errorf("socket in %s: %w", ns.Name(), err)
 		}
 		defer unix.Close(fd)
-		v, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
-		if err != nil {
-			r.err = fmt.Errorf("read netns cookie of %s: %w", ns.Name(), err)
-			return
+		if cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE); err != nil {
+			return fmt.Errorf("read netns cookie of %s: %w", ns.Name(), err)
 		}
-		r.cookie = v
-	}()
-	r := <-ch
-	return r.cookie, r.err
+		return nil
+	})
+	return cookie, err
 }

@@ -11,12 +11,10 @@ package passthrough
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"sync"
 	"syscall"
 	"time"
@@ -25,6 +23,7 @@ import (
 
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/zds"
+	"github.com/sluicemesh/sluice/internal/netnsexec"
 )
 
 // Event is one captured connection.
@@ -251,23 +250,9 @@ func copyLoop(dst, src net.Conn) {
 	}
 }
 
-// inNetns runs fn on a thread inside the namespace; the thread is discarded afterwards.
-func inNetns(netns *os.File, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies in the pod's namespace
-		if err := unix.Setns(int(netns.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("enter pod network namespace: %w", err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
-
 func listenIn(netns *os.File, addr string) (net.Listener, error) {
 	var ln net.Listener
-	err := inNetns(netns, func() (err error) {
+	err := netnsexec.Do(netns, func() (err error) {
 		lc := net.ListenConfig{Control: markSocket}
 		lc.SetMultipathTCP(false) // MPTCP listeners cannot be registered with sk_lookup
 		ln, err = lc.Listen(context.Background(), "tcp", addr)
@@ -278,7 +263,7 @@ func listenIn(netns *os.File, addr string) (net.Listener, error) {
 
 func dialIn(netns *os.File, addr string) (net.Conn, error) {
 	var c net.Conn
-	err := inNetns(netns, func() (err error) {
+	err := netnsexec.Do(netns, func() (err error) {
 		d := net.Dialer{Timeout: 3 * time.Second, Control: markSocket}
 		c, err = d.Dial("tcp", addr)
 		return err

@@ -9,13 +9,14 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"syscall"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/netnsexec"
 )
 
 // Marks on ztunnel's sockets. The low 12 bits (0x539, as Istio) tell the capture layer
@@ -44,21 +45,8 @@ func NewPodNetns(f *os.File) *PodNetns { return &PodNetns{f: f} }
 // Close releases the namespace handle.
 func (p *PodNetns) Close() error { return p.f.Close() }
 
-// run executes fn on a thread inside the namespace. The thread is thrown away afterwards
-// (LockOSThread without Unlock), so nothing else ever runs in the pod's namespace by
-// accident.
-func (p *PodNetns) run(fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := unix.Setns(int(p.f.Fd()), unix.CLONE_NEWNET); err != nil {
-			errc <- fmt.Errorf("enter pod network namespace: %w", err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
+// run executes fn on a thread inside the pod's namespace (see netnsexec.Do).
+func (p *PodNetns) run(fn func() error) error { return netnsexec.Do(p.f, fn) }
 
 // Listen opens a TCP listener inside the pod: marked, SO_REUSEPORT so a new ztunnel can
 // take over the port during a restart, and without MPTCP (Go's default), because an MPTCP
