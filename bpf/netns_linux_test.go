@@ -4,7 +4,6 @@ package bpf
 
 import (
 	"context"
-	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // testNS is a named network namespace made for one test and deleted after it.
@@ -149,50 +150,15 @@ func (n *testNS) dial(network, addr string, mark int) (net.Conn, error) {
 
 // serveName answers every connection with name and the peer address as the server saw
 // it, then echoes; it tells a test which listener a connection reached.
-func serveName(ln net.Listener, name string) {
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "%s %s\n", name, c.RemoteAddr())
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, werr := c.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
-		}
-	}()
-}
+func serveName(ln net.Listener, name string) { testutil.ServeGreeting(ln, name) }
 
 func readLine(t *testing.T, c net.Conn) string {
 	t.Helper()
-	c.SetReadDeadline(time.Now().Add(3 * time.Second))
-	buf := make([]byte, 0, 128)
-	b := make([]byte, 1)
-	for {
-		n, err := c.Read(b)
-		if err != nil {
-			t.Fatalf("read from %s: %v (got %q)", c.RemoteAddr(), err, buf)
-		}
-		if n == 1 {
-			if b[0] == '\n' {
-				return string(buf)
-			}
-			buf = append(buf, b[0])
-		}
+	line, err := testutil.ReadLine(c, 3*time.Second)
+	if err != nil {
+		t.Fatalf("read from %s: %v (got %q)", c.RemoteAddr(), err, line)
 	}
+	return line
 }
 
 func mustAddr(s string) netip.Addr { return netip.MustParseAddr(s) }

@@ -180,7 +180,7 @@ func WaitFor(t testing.TB, what string, cond func() bool) {
 }
 
 // Serve answers each connection on port with "<pod name> <client address>\n" and then
-// echoes.
+// echoes (testutil.ServeGreeting).
 func Serve(t testing.TB, p *lab.Pod, port int) {
 	t.Helper()
 	ln, err := p.Listen("tcp", fmt.Sprintf("0.0.0.0:%d", port))
@@ -188,33 +188,7 @@ func Serve(t testing.TB, p *lab.Pod, port int) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				fmt.Fprintf(c, "%s %s\n", p.Name, c.RemoteAddr())
-				buf := make([]byte, 32<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, werr := c.Write(buf[:n]); werr != nil {
-							return
-						}
-					}
-					if err != nil {
-						if tc, ok := c.(*net.TCPConn); ok {
-							tc.CloseWrite()
-						}
-						return
-					}
-				}
-			}()
-		}
-	}()
+	testutil.ServeGreeting(ln, p.Name)
 }
 
 // Dialer is anything that dials from a network namespace (a pod or a node).
@@ -244,19 +218,7 @@ func Greeting(t testing.TB, c net.Conn) string {
 	return line
 }
 
-// ReadLine reads up to a newline, byte by byte so nothing after it is consumed.
+// ReadLine reads up to a newline (testutil.ReadLine).
 func ReadLine(c net.Conn, timeout time.Duration) (string, error) {
-	c.SetReadDeadline(time.Now().Add(timeout))
-	defer c.SetReadDeadline(time.Time{})
-	var line []byte
-	b := make([]byte, 1)
-	for {
-		if _, err := c.Read(b); err != nil {
-			return string(line), err
-		}
-		if b[0] == '\n' {
-			return string(line), nil
-		}
-		line = append(line, b[0])
-	}
+	return testutil.ReadLine(c, timeout)
 }
