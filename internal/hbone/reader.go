@@ -220,7 +220,7 @@ func (c *conn) readData(fh http2.FrameHeader) error {
 			if _, err := io.ReadFull(c.br, b); err != nil {
 				return err
 			}
-			s.appendBytes(b)
+			s.receive(b, nil)
 			break
 		}
 		ck := bigChunks.Get().(*chunk)
@@ -230,7 +230,7 @@ func (c *conn) readData(fh http2.FrameHeader) error {
 			return err
 		}
 		ck.w = int(m)
-		s.appendChunk(ck)
+		s.receive(ck.buf[:m], ck)
 		data -= m
 	}
 	if pad > 0 {

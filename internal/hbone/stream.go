@@ -52,6 +52,8 @@ type Stream struct {
 	rdl, wdl    *deadline
 	readWake    chan struct{} // cap 1: data, end, reset, response or deadline change
 	writeWake   chan struct{} // cap 1: window, reset or deadline change
+	sink        *sink         // set by SendTo: data goes there, not to Read
+	reading     bool          // Read or WriteTo was called: SendTo may not be
 }
 
 var _ net.Conn = (*Stream)(nil)
@@ -116,14 +118,35 @@ func (s *Stream) discardingLocked() bool {
 	return s.closed || s.reset || s.err != nil
 }
 
-// appendBytes queues a copy of b, filling the last chunk before taking a new one.
-func (s *Stream) appendBytes(b []byte) {
+// receive takes a DATA payload from the reader goroutine: b, held in ck when ck is
+// not nil (ck.buf[:ck.w] is b), otherwise in the reader's scratch space.
+func (s *Stream) receive(b []byte, ck *chunk) {
 	s.mu.Lock()
+	if s.sink != nil {
+		s.mu.Unlock()
+		s.sinkReceive(b, ck)
+		return
+	}
 	if s.discardingLocked() {
 		s.mu.Unlock()
 		s.c.returnConnCredit(int64(len(b)))
+		if ck != nil {
+			putChunk(ck)
+		}
 		return
 	}
+	if ck != nil {
+		s.appendChunkLocked(ck)
+	} else {
+		s.appendBytesLocked(b)
+	}
+	s.mu.Unlock()
+	wake(s.readWake)
+}
+
+// appendBytesLocked queues a copy of b, filling the last chunk before taking a new
+// one. mu is held.
+func (s *Stream) appendBytesLocked(b []byte) {
 	s.buffered += len(b)
 	for len(b) > 0 {
 		t := s.tail
@@ -135,29 +158,19 @@ func (s *Stream) appendBytes(b []byte) {
 		t.w += k
 		b = b[k:]
 	}
-	s.mu.Unlock()
-	wake(s.readWake)
 }
 
-// appendChunk queues ck, or copies it into the last chunk if it fits there, so
-// many small frames do not each pin a big chunk.
-func (s *Stream) appendChunk(ck *chunk) {
-	s.mu.Lock()
-	if s.discardingLocked() {
-		s.mu.Unlock()
-		s.c.returnConnCredit(int64(ck.w))
-		putChunk(ck)
-		return
-	}
-	s.buffered += ck.w
-	if t := s.tail; t != nil && len(t.buf)-t.w >= ck.w {
-		t.w += copy(t.buf[t.w:], ck.buf[:ck.w])
+// appendChunkLocked queues ck's unread bytes, or copies them into the last chunk if
+// they fit there, so many small frames do not each pin a big chunk. mu is held.
+func (s *Stream) appendChunkLocked(ck *chunk) {
+	n := ck.w - ck.r
+	s.buffered += n
+	if t := s.tail; t != nil && len(t.buf)-t.w >= n {
+		t.w += copy(t.buf[t.w:], ck.buf[ck.r:ck.w])
 		putChunk(ck)
 	} else {
 		s.linkLocked(ck)
 	}
-	s.mu.Unlock()
-	wake(s.readWake)
 }
 
 func (s *Stream) linkLocked(ck *chunk) {
@@ -192,6 +205,7 @@ func (s *Stream) onEndStream() {
 	done := s.sentEnd
 	s.mu.Unlock()
 	wake(s.readWake)
+	s.sinkCheck()
 	if done {
 		s.c.removeStream(s)
 	}
@@ -214,6 +228,7 @@ func (s *Stream) onReset(code http2.ErrCode) {
 	s.mu.Unlock()
 	wake(s.readWake)
 	wake(s.writeWake)
+	s.sinkCheck()
 	s.c.removeStream(s)
 	s.c.returnConnCredit(int64(dropped))
 }
@@ -230,6 +245,7 @@ func (s *Stream) resetLocal(code http2.ErrCode) {
 	s.mu.Unlock()
 	wake(s.readWake)
 	wake(s.writeWake)
+	s.sinkCheck()
 	s.c.queueControl(ctrlFrame{kind: ctrlRST, stream: s.id, val: uint32(code)})
 	s.c.removeStream(s)
 	s.c.returnConnCredit(int64(dropped))
@@ -245,6 +261,7 @@ func (s *Stream) connFailed(err error) {
 	s.mu.Unlock()
 	wake(s.readWake)
 	wake(s.writeWake)
+	s.sinkCheck()
 	if s.cancel != nil {
 		s.cancel()
 	}
@@ -316,6 +333,11 @@ func (s *Stream) readErrLocked() error {
 func (s *Stream) Read(p []byte) (int, error) {
 	for {
 		s.mu.Lock()
+		if s.sink != nil {
+			s.mu.Unlock()
+			return 0, errSinkSet
+		}
+		s.reading = true
 		if s.closed {
 			s.mu.Unlock()
 			return 0, net.ErrClosed
@@ -388,6 +410,11 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 func (s *Stream) takeChunk() (*chunk, error) {
 	for {
 		s.mu.Lock()
+		if s.sink != nil {
+			s.mu.Unlock()
+			return nil, errSinkSet
+		}
+		s.reading = true
 		if s.closed {
 			s.mu.Unlock()
 			return nil, net.ErrClosed
@@ -581,6 +608,7 @@ func (s *Stream) Close() error {
 	s.mu.Unlock()
 	wake(s.readWake)
 	wake(s.writeWake)
+	s.sinkCheck()
 	rdl.stop()
 	wdl.stop()
 	if open {

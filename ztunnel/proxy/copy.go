@@ -47,10 +47,12 @@ func pipe(a, b halfCloser, aToB, bToA *counter) error {
 	return errors.Join(err, <-errc)
 }
 
-// pipeDetached is pipe on two fresh goroutines: the caller returns at once, so the deep
-// stack of the goroutine that set the connection up is not kept for as long as the
-// connection is held (most of ztunnel's memory per idle connection). finish runs once,
-// after both directions are done, with the first real error.
+// pipeDetached is pipe without the caller: it returns at once, so the deep stack of the
+// goroutine that set the connection up is not kept for as long as the connection is
+// held (most of ztunnel's memory per idle connection). A direction from an HBONE stream
+// into a TCP socket needs no goroutine at all (hbone.Stream.SendTo); any other gets a
+// fresh one. finish runs once, after both directions are done, with the first real
+// error.
 func pipeDetached(a, b halfCloser, aToB, bToA *counter, finish func(error)) {
 	var (
 		left  atomic.Int32
@@ -68,8 +70,25 @@ func pipeDetached(a, b halfCloser, aToB, bToA *counter, finish func(error)) {
 			finish(first)
 		}
 	}
-	go func() { end(copyClientToUpstream(b, a, aToB)) }()
-	go func() { end(copyUpstreamToClient(a, b, bToA)) }()
+	carryHalf(b, a, aToB, end, copyClientToUpstream)
+	carryHalf(a, b, bToA, end, copyUpstreamToClient)
+}
+
+// carryHalf starts copying src to dst and calls end with the outcome.
+func carryHalf(dst, src halfCloser, c *counter, end func(error), run func(dst, src halfCloser, c *counter) error) {
+	if s, ok := src.(*hbone.Stream); ok {
+		if tc, ok := dst.(*net.TCPConn); ok {
+			var count func(int)
+			if c != nil {
+				count = c.Add
+			}
+			err := s.SendTo(tc, count, func(err error) { end(finish(dst, err)) })
+			if err == nil {
+				return
+			}
+		}
+	}
+	go func() { end(run(dst, src, c)) }()
 }
 
 // copyClientToUpstream and copyUpstreamToClient are the same copy; the names make stack
