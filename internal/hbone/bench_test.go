@@ -25,8 +25,10 @@ func BenchmarkThroughput(b *testing.B) {
 		{"tls13/upload", true, false},
 		{"tls13/download", true, true},
 	} {
-		b.Run(bc.name, func(b *testing.B) { benchThroughput(b, bc.tls, bc.download) })
+		b.Run(bc.name, func(b *testing.B) { benchThroughput(b, bc.tls, bc.download, false) })
 	}
+	// TLSClient: the records of each write leave in one system call.
+	b.Run("tls13-batched/upload", func(b *testing.B) { benchThroughput(b, true, false, true) })
 	// The same sockets without HTTP/2, for comparison.
 	b.Run("tcp/baseline", func(b *testing.B) { benchBaseline(b, false) })
 	b.Run("tls13/baseline", func(b *testing.B) { benchBaseline(b, true) })
@@ -79,8 +81,8 @@ func benchBaseline(b *testing.B, useTLS bool) {
 	b.ReportMetric(float64(b.N)*chunk*8/time.Since(start).Seconds()/1e9, "Gbit/s")
 }
 
-func benchThroughput(b *testing.B, useTLS, download bool) {
-	const chunk = 32 << 10
+func benchThroughput(b *testing.B, useTLS, download, batched bool) {
+	const chunk = IdealWrite
 	var serverTLS, clientTLS *tls.Config
 	if useTLS {
 		serverTLS, clientTLS = selfSignedTLS(b)
@@ -107,14 +109,20 @@ func benchThroughput(b *testing.B, useTLS, download bool) {
 		b.Fatal(err)
 	}
 	if useTLS {
-		tc := tls.Client(nc, clientTLS)
+		var tc *tls.Conn
+		if batched {
+			btc := TLSClient(nc, clientTLS)
+			tc, nc = btc.Conn, btc
+		} else {
+			tc = tls.Client(nc, clientTLS)
+			nc = tc
+		}
 		if err := tc.Handshake(); err != nil {
 			b.Fatal(err)
 		}
 		if cs := tc.ConnectionState().CipherSuite; cs != tls.TLS_AES_128_GCM_SHA256 {
 			b.Fatalf("cipher suite %s", tls.CipherSuiteName(cs))
 		}
-		nc = tc
 	}
 	cc, err := NewClientConn(nc, ClientOptions{})
 	if err != nil {

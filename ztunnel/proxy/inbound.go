@@ -31,7 +31,7 @@ func (p *Proxy) handleHBONE(ps *podServer, c *net.TCPConn) {
 	local := func(*tls.ClientHelloInfo) (spiffe.ID, error) {
 		return ps.workload(p.cfg.Store.Load()).Identity(), nil
 	}
-	tc := tls.Server(c, p.cfg.Identity.ServerTLS(local))
+	tc := hbone.TLSServer(c, p.cfg.Identity.ServerTLS(local))
 	hsCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	err := tc.HandshakeContext(hsCtx)
 	cancel()

@@ -5,7 +5,6 @@ package proxy
 import (
 	"context"
 	"crypto/rand"
-	"crypto/tls"
 	"encoding/hex"
 	"fmt"
 	"net"
@@ -20,8 +19,6 @@ import (
 )
 
 var errConnRefused = syscall.ECONNREFUSED
-
-func tlsClient(c net.Conn, cfg *tls.Config) *tls.Conn { return tls.Client(c, cfg) }
 
 // handleOutbound carries one connection an application in the pod made: find where it
 // was going, decide the upstream, and tunnel or pass it through.

@@ -340,7 +340,7 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (net.Conn, err
 	if err != nil {
 		return nil, dialError(key.Addr, err)
 	}
-	tc := tlsClient(raw, p.cfg.Identity.ClientTLS(src, dst))
+	tc := hbone.TLSClient(raw, p.cfg.Identity.ClientTLS(src, dst))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("mutual TLS with %s (expecting %s) failed: %w", key.Addr, dst, err)
