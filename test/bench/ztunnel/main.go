@@ -52,6 +52,7 @@ type options struct {
 	profile  bool
 	fortio   string
 	verbose  bool
+	ref      string
 }
 
 func main() {
@@ -64,6 +65,7 @@ func main() {
 	flag.BoolVar(&o.profile, "profile", true, "take CPU profiles of both ztunnels under iperf3 and fortio and report their top functions")
 	flag.StringVar(&o.fortio, "fortio", "", "fortio binary (default: "+defaultFortio()+", installed there if missing)")
 	flag.BoolVar(&o.verbose, "v", false, "log lab details")
+	flag.StringVar(&o.ref, "ztunnel-ref", "", "also measure ztunnel built at this git revision (e.g. HEAD~1), as mode (b0), to compare a change with what it changes in one run")
 	holdServer := flag.Int("hold-server", 0, "internal: run as the server holding idle connections on this port")
 	flag.Parse()
 	if *holdServer > 0 {
@@ -168,12 +170,12 @@ func (w *world) modes() []*mode {
 	plain := w.serverPlain.IP.String()
 	mesh := w.serverMesh.IP.String()
 	hostPort := func(h string, p int) string { return h + ":" + strconv.Itoa(p) }
-	return []*mode{
+	ms := []*mode{
 		{key: "direct", name: "(a) direct", path: "client pod → server pod, plain TCP over the veths and the nodes' link",
 			client: w.clientPlain, hold: w.holdPlain,
 			addr: func(i int) string { return hostPort(plain, int(apps[i].port)) }},
-		{key: "sluice", name: "(b) Sluice ztunnel", path: "captured by eBPF → ztunnel's in-pod 15001 (node0's process) → HBONE (mTLS, HTTP/2 CONNECT) → ztunnel's in-pod 15008 in the server pod (node1's process) → server",
-			client: w.clientMesh, hold: w.holdMesh, tunnels: w.ztunnels,
+		{key: "sluice", name: "(b) Sluice ztunnel", path: meshPath,
+			client: w.clientMesh, hold: w.holdMesh, tunnels: w.ztunnels, ztBin: w.ztBin,
 			addr: func(i int) string { return hostPort(mesh, int(apps[i].port)) }},
 		{key: "stunnel", name: "(c1) stunnel", path: "client → 127.0.0.1 stunnel in the client pod → mTLS → stunnel in the server pod → server",
 			client: w.clientPlain, hold: w.holdPlain, tunnels: w.stunnels,
@@ -182,8 +184,21 @@ func (w *world) modes() []*mode {
 			client: w.clientPlain, hold: w.holdPlain, tunnels: w.haproxies,
 			addr:    func(i int) string { return hostPort("127.0.0.1", haproxyClientBase+i) },
 			explain: w.haproxyLimits},
+		{key: "relay", name: "(d) plain relays", path: "client → 127.0.0.1 HAProxy in the client pod → plain TCP → HAProxy in the server pod → server: no TLS, the floor of any tunnel with a proxy at each end",
+			client: w.clientPlain, hold: w.holdPlain, tunnels: w.relays,
+			addr: func(i int) string { return hostPort("127.0.0.1", relayClientBase+i) }},
 	}
+	if w.refBin != "" {
+		// The same ztunnels, run from the other binary while this mode is measured.
+		ref := &mode{key: "ref", name: "(b0) ztunnel at " + w.refName, path: meshPath,
+			client: w.clientMesh, hold: w.holdMesh, tunnels: w.ztunnels, ztBin: w.refBin,
+			addr: func(i int) string { return hostPort(mesh, int(apps[i].port)) }}
+		ms = append(ms[:2], append([]*mode{ref}, ms[2:]...)...)
+	}
+	return ms
 }
+
+const meshPath = "captured by eBPF → ztunnel's in-pod 15001 (node0's process) → HBONE (mTLS, HTTP/2 CONNECT) → ztunnel's in-pod 15008 in the server pod (node1's process) → server"
 
 // tools are the external programs the benchmark drives, with their versions.
 type tools struct {

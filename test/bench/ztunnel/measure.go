@@ -35,6 +35,8 @@ type mode struct {
 	hold    *holdServer
 	// explain, when set, says why the tunnel may have refused connections.
 	explain func() error
+	// ztBin is the ztunnel binary the mode's tunnels must run (ztunnel modes only).
+	ztBin string
 }
 
 func (m *mode) direct() bool { return len(m.tunnels) == 0 }

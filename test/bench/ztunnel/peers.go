@@ -136,6 +136,19 @@ defaults
 			a.name, serverIP, haproxyServerBase+i, server.bundleFile, rootFile, a.port)
 	}
 
+	// The plain relays: the same HAProxy, TCP mode, no TLS. What they cost is what any
+	// tunnel with a user-space proxy at each end pays before encrypting a byte.
+	rc, rs := strings.Builder{}, strings.Builder{}
+	plainGlobal := "global\ndefaults\n  mode tcp\n  maxconn 40000\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+	rc.WriteString(plainGlobal)
+	rs.WriteString(plainGlobal)
+	for i, a := range apps {
+		fmt.Fprintf(&rc, "frontend %[1]s\n  bind 127.0.0.1:%[2]d\n  default_backend %[1]s_up\nbackend %[1]s_up\n  server s %[3]s:%[4]d\n",
+			a.name, relayClientBase+i, serverIP, relayServerBase+i)
+		fmt.Fprintf(&rs, "frontend %[1]s\n  bind %[2]s:%[3]d\n  default_backend %[1]s_app\nbackend %[1]s_app\n  server app %[2]s:%[4]d\n",
+			a.name, serverIP, relayServerBase+i, a.port)
+	}
+
 	// Each side is started server first, so the client side's first connection finds
 	// it; the lists hold the client side first, like the ztunnels (node0, node1).
 	type side struct {
@@ -170,6 +183,9 @@ defaults
 		{"haproxy", w.tools.haproxy, []string{"-db", "-f"}, &w.haproxies,
 			side{w.serverPlain, "haproxy-server.cfg", hs.String(), haproxyServerBase},
 			side{w.clientPlain, "haproxy-client.cfg", hc.String(), haproxyClientBase}},
+		{"plain relay (haproxy)", w.tools.haproxy, []string{"-db", "-f"}, &w.relays,
+			side{w.serverPlain, "relay-server.cfg", rs.String(), relayServerBase},
+			side{w.clientPlain, "relay-client.cfg", rc.String(), relayClientBase}},
 	} {
 		srv, err := start(t.kind, t.tool, t.server, t.args...)
 		if srv != nil {

@@ -309,6 +309,7 @@ func (b *bench) report(r *results, f facts) string {
 
 	b.reportComparison(&w, r)
 	b.reportGoals(&w, r)
+	b.reportRef(&w, r)
 	reportProfiles(&w, r)
 	b.reportMethod(&w, r)
 	return w.String()
@@ -424,6 +425,28 @@ func (b *bench) reportComparison(w *strings.Builder, r *results) {
 	}
 }
 
+// reportRef compares this build with ztunnel at -ztunnel-ref, measured in the same run.
+func (b *bench) reportRef(w *strings.Builder, r *results) {
+	if b.w.refBin == "" {
+		return
+	}
+	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
+	p("\n## This build against ztunnel at %s\n\n", b.w.refName)
+	p("Mode (b) is ztunnel built from this checkout, (b0) ztunnel built at `%s`; both ztunnels are\n", b.w.refName)
+	p("restarted with the other binary whenever the mode changes. Medians, ratio this build / %s.\n\n", b.w.refName)
+	p("| figure | this build | %s | this build vs %s |\n|---|--:|--:|---|\n", b.w.refName, b.w.refName)
+	for _, fig := range b.figures(r) {
+		sl, slOK, _ := fig.value("sluice")
+		rs, rOK, note := fig.value("ref")
+		if !slOK || !rOK {
+			continue
+		}
+		v := compare(fig, sl, rs, slOK, rOK, note)
+		text := strings.NewReplacer("ahead", "better", "behind", "worse").Replace(v.text)
+		p("| %s | "+fig.format+" %s | "+fig.format+" %s | %s |\n", fig.name, sl.med, fig.unit, rs.med, fig.unit, text)
+	}
+}
+
 // goal is one line of the goals section.
 type goal struct {
 	name   string
@@ -473,6 +496,10 @@ func (b *bench) goals(r *results) []goal {
 		if !g.met {
 			g.detail += fmt.Sprintf(" Short by %.2f Gbit/s (%.0f points).", 0.5*dir.med-sl.med, 100*(0.5-ratio))
 		}
+		if rl := r.stat(t.key, "relay", gbps); rl.n > 0 {
+			g.detail += fmt.Sprintf(" The plain relays, the same path through two proxies without TLS, reach %.0f%% of direct (rounds: %s):"+
+				" what no tunnel with a proxy at each end can pass on this machine.", 100*rl.med/dir.med, roundRatios(r, t.key, "relay", "direct", gbps))
+		}
 		gs = append(gs, g)
 	}
 
@@ -495,6 +522,10 @@ func (b *bench) goals(r *results) []goal {
 	}
 	g.detail += " Round by round (each round's p50 minus direct's in the same round): Sluice " +
 		roundDiffs(r, testLat, "sluice", "direct", p50) + ", HAProxy " + roundDiffs(r, testLat, "haproxy", "direct", p50) + "."
+	if rl := r.stat(testLat, "relay", p50); rl.n > 0 && haAdd > 0 {
+		g.detail += fmt.Sprintf(" The plain relays (two proxies, no TLS) add %+.3f ms, %.2f of HAProxy's (rounds: %s): the floor of any path through a proxy at each end.",
+			rl.med-dl, (rl.med-dl)/haAdd, roundDiffs(r, testLat, "relay", "direct", p50))
+	}
 	gs = append(gs, g)
 
 	// 4. Memory per idle connection.

@@ -76,6 +76,9 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 			// same mode.
 			for i := range b.modes {
 				m := b.modes[(i+round)%len(b.modes)]
+				if err := b.useZtunnel(ctx, m); err != nil {
+					return nil, err
+				}
 				s, err := b.measure(ctx, m, t, tests[t])
 				if err != nil {
 					return nil, fmt.Errorf("round %d: %w", round+1, err)
@@ -95,6 +98,9 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	if b.opts.profile {
 		b.log.Info("profiling both ztunnels")
 		mesh := b.modes[1]
+		if err := b.useZtunnel(ctx, mesh); err != nil {
+			return nil, err
+		}
 		res.profiles = append(res.profiles, b.profileZtunnels(ctx, "iperf3 -P 1", func(ctx context.Context) error {
 			_, err := b.iperf(ctx, mesh, 1, 6*time.Second)
 			return err
@@ -108,8 +114,11 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	// Held connections last: a tunnel that cannot take 10,000 may be left broken.
 	steps, extra := b.holdPlan()
 	for _, m := range b.modes {
-		if m.direct() {
+		if m.direct() || m.key == "relay" {
 			continue
+		}
+		if m.ztBin != "" {
+			b.w.ztBin = m.ztBin // holdSteps restarts them anyway
 		}
 		hs, err := b.holdSteps(ctx, m, steps, extra)
 		res.holds[m.key] = hs
@@ -165,7 +174,12 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 		return err
 	}
 	var probeErr error
+	var ref *mode
 	for _, m := range b.modes {
+		if m.key == "ref" {
+			ref = m // last: the checks below are about this build
+			continue
+		}
 		if probeErr = b.probe(ctx, m); probeErr != nil {
 			break
 		}
@@ -193,14 +207,45 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 		return fmt.Errorf("the ztunnel on %s counted no connection after the probe from %s: traffic of (b) did not go through the mesh (%v)", w.nodes[1].Name, w.clientMesh, err)
 	}
 	for _, m := range b.modes {
-		if m.direct() {
+		if m.direct() || m == ref {
 			continue
 		}
 		if res.idle[m.key], err = rssOf(m.tunnels); err != nil {
 			return err
 		}
 	}
-	return nil
+	if ref == nil {
+		return nil
+	}
+	if err := b.useZtunnel(ctx, ref); err != nil {
+		return err
+	}
+	if err := b.probe(ctx, ref); err != nil {
+		return err
+	}
+	time.Sleep(100 * time.Millisecond)
+	res.idle[ref.key], err = rssOf(ref.tunnels)
+	return err
+}
+
+// useZtunnel makes the ztunnels run m's binary, restarting both when they run the other
+// one (a ztunnel mode measured against -ztunnel-ref).
+func (b *bench) useZtunnel(ctx context.Context, m *mode) error {
+	w := b.w
+	if m.ztBin == "" || m.ztBin == w.ztBin {
+		return nil
+	}
+	w.ztBin = m.ztBin
+	for i, p := range w.ztunnels {
+		np, err := p.restart(ctx)
+		if np != nil {
+			w.ztunnels[i] = np
+		}
+		if err != nil {
+			return fmt.Errorf("switch ztunnel to %s: %w", m.name, err)
+		}
+	}
+	return b.probe(ctx, m)
 }
 
 // countHBONE counts established connections to port 15008 in the mesh client pod:

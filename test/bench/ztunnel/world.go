@@ -52,6 +52,8 @@ const (
 	stunnelServerBase = 2200
 	haproxyClientBase = 2300
 	haproxyServerBase = 2400
+	relayClientBase   = 2500
+	relayServerBase   = 2600
 )
 
 // world is everything the benchmark runs on: the lab with its node agents and ztunnels,
@@ -67,13 +69,17 @@ type world struct {
 
 	clientPlain, serverPlain, clientMesh, serverMesh *lab.Pod
 
-	ztunnels      []*proc // node0 (outbound side), node1 (inbound side)
-	stunnels      []*proc // client pod, server pod
-	haproxies     []*proc
-	servers       []*proc // iperf3 and fortio in the server pods
-	holdPlain     *holdServer
-	holdMesh      *holdServer
-	ztunnelConfig string
+	ztunnels  []*proc // node0 (outbound side), node1 (inbound side)
+	stunnels  []*proc // client pod, server pod
+	haproxies []*proc
+	relays    []*proc // HAProxy without TLS: the floor of any two-proxy path
+	// ztBin is the ztunnel binary the ztunnels run (restarts pick it up); refBin, when
+	// set, is ztunnel built at -ztunnel-ref, and refName names that ref.
+	ztBin, refBin, refName string
+	servers                []*proc // iperf3 and fortio in the server pods
+	holdPlain              *holdServer
+	holdMesh               *holdServer
+	ztunnelConfig          string
 	// haproxySockets are HAProxy's stats sockets, client side first.
 	haproxySockets []string
 }
@@ -83,6 +89,7 @@ func (w *world) procs() []*proc {
 	var all []*proc
 	all = append(all, w.stunnels...)
 	all = append(all, w.haproxies...)
+	all = append(all, w.relays...)
 	all = append(all, w.servers...)
 	return append(all, w.ztunnels...)
 }
@@ -158,6 +165,14 @@ func (b *bench) setUp(ctx context.Context, w *world) error {
 	w.bin = filepath.Join(w.work, "bin")
 	if err := buildSluice(ctx, w.bin); err != nil {
 		return err
+	}
+	w.ztBin = filepath.Join(w.bin, "ztunnel")
+	if b.opts.ref != "" {
+		w.refName = b.opts.ref
+		w.refBin = filepath.Join(w.bin, "ztunnel-ref")
+		if err := buildZtunnelAt(ctx, b.opts.ref, w.refBin, filepath.Join(w.work, "ref-src")); err != nil {
+			return err
+		}
 	}
 	cniBin := lab.DefaultCNIBinDir()
 	if err := lab.BuildPlugins(ctx, cniBin); err != nil {
@@ -252,6 +267,22 @@ func buildSluice(ctx context.Context, dir string) error {
 	return nil
 }
 
+// buildZtunnelAt builds ztunnel as it was at the git revision ref, from a temporary
+// worktree in dir, so that a change can be measured against what it changes in one run.
+func buildZtunnelAt(ctx context.Context, ref, out, dir string) error {
+	add := exec.CommandContext(ctx, "git", "worktree", "add", "--detach", dir, ref)
+	if b, err := add.CombinedOutput(); err != nil {
+		return fmt.Errorf("git worktree add %s: %w\n%s", ref, err, b)
+	}
+	defer exec.Command("git", "worktree", "remove", "--force", dir).Run()
+	build := exec.CommandContext(ctx, "go", "build", "-o", out, "./ztunnel/cmd/ztunnel")
+	build.Dir = dir
+	if b, err := build.CombinedOutput(); err != nil {
+		return fmt.Errorf("build ztunnel at %s: %w\n%s", ref, err, b)
+	}
+	return nil
+}
+
 // startAgent starts node n's sluice-agent as `sluicectl lab up --with-sluice` does: in
 // the node's netns and host cgroup, local mode on the lab's registry, one BPF instance
 // per node; it waits until the agent serves the CNI socket.
@@ -282,7 +313,7 @@ func startAgent(ctx context.Context, w *world, n lab.Node) (*proc, error) {
 // local mode (the YAML config and CA of the world), and waits until it is ready.
 func startZtunnel(ctx context.Context, w *world, n lab.Node) (*proc, error) {
 	mk := func() *exec.Cmd {
-		return n.Command(filepath.Join(w.bin, "ztunnel"),
+		return n.Command(w.ztBin,
 			"--config", w.ztunnelConfig,
 			"--zds-socket", filepath.Join(n.Dir, "ztunnel.sock"),
 			"--bpf-instance", n.Name,
