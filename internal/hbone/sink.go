@@ -4,6 +4,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"syscall"
 )
 
@@ -29,6 +30,22 @@ type sink struct {
 }
 
 var errSinkSet = errors.New("hbone: stream already reading or sending to a sink")
+
+// sinkPiece is how much of a DATA frame the reader hands a sink at once: a whole frame
+// as ztunnel writes them (IdealWrite), so each becomes one write(2) on the destination.
+const sinkPiece = writeBufSize
+
+var sinkPieces = sync.Pool{New: func() any {
+	b := make([]byte, sinkPiece)
+	return &b
+}}
+
+// sending reports whether the stream's data goes to a sink.
+func (s *Stream) sending() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.sink != nil
+}
 
 // SendTo delivers everything the stream receives to dst as it arrives, instead of Read
 // or WriteTo: the connection's reader goroutine writes it to dst without blocking, and a
