@@ -6,6 +6,8 @@ import (
 	"net"
 	"os"
 	"syscall"
+
+	"github.com/sluicemesh/sluice/internal/rawio"
 )
 
 // writeNow writes as much of b as the socket takes without waiting.
@@ -44,20 +46,13 @@ func (k *sink) writeAll(b []byte) (int, error) {
 	return n, sinkErr(err, werr)
 }
 
-// writeFD is one write(2): EAGAIN is (0, nil), EINTR is retried.
+// writeFD is one write(2), raw (see package rawio): EAGAIN is (0, nil).
 func writeFD(fd uintptr, b []byte) (int, error) {
-	for {
-		n, err := syscall.Write(int(fd), b)
-		switch err {
-		case nil:
-			return n, nil
-		case syscall.EINTR:
-			continue
-		case syscall.EAGAIN:
-			return 0, nil
-		}
-		return 0, err
+	n, err := rawio.Write(fd, b)
+	if err == syscall.EAGAIN {
+		return 0, nil
 	}
+	return n, err
 }
 
 func sinkErr(rawErr, werr error) error {

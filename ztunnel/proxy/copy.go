@@ -11,6 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/hbone"
+	"github.com/sluicemesh/sluice/internal/rawio"
 )
 
 // bufPool lends copy buffers only while data moves: an idle connection holds none, which
@@ -170,16 +171,11 @@ func copyFromTCP(dst io.Writer, src *net.TCPConn, c *counter) error {
 	read := func(fd uintptr) bool {
 		bp = bufPool.Get().(*[]byte)
 		// Reads of hbone.IdealWrite become one DATA frame in whole TLS records.
-		n, rerr = unix.Read(int(fd), (*bp)[:hbone.IdealWrite])
+		n, rerr = rawio.Read(fd, (*bp)[:hbone.IdealWrite])
 		if rerr == unix.EAGAIN {
 			bufPool.Put(bp)
 			bp = nil
 			return false // wait for readability, holding nothing
-		}
-		if rerr == unix.EINTR {
-			bufPool.Put(bp)
-			bp = nil
-			return false
 		}
 		return true
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/sluicemesh/sluice/internal/hbone"
+	"github.com/sluicemesh/sluice/internal/rawio"
 	"github.com/sluicemesh/sluice/internal/spiffe"
 	"github.com/sluicemesh/sluice/ztunnel/policy"
 	"github.com/sluicemesh/sluice/ztunnel/state"
@@ -31,9 +32,13 @@ func (p *Proxy) handleHBONE(ps *podServer, c *net.TCPConn) {
 	local := func(*tls.ClientHelloInfo) (spiffe.ID, error) {
 		return ps.workload(p.cfg.Store.Load()).Identity(), nil
 	}
-	tc := hbone.TLSServer(c, p.cfg.Identity.ServerTLS(local))
+	rw, err := rawio.NewConn(c)
+	if err != nil {
+		return
+	}
+	tc := hbone.TLSServer(rw, p.cfg.Identity.ServerTLS(local))
 	hsCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	err := tc.HandshakeContext(hsCtx)
+	err = tc.HandshakeContext(hsCtx)
 	cancel()
 	if err != nil {
 		p.log.Info("HBONE handshake rejected", "pod", ps.info.Namespace+"/"+ps.info.Name, "peer", c.RemoteAddr(), "err", err)

@@ -24,6 +24,7 @@ import (
 	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/zds"
 	"github.com/sluicemesh/sluice/internal/hbone"
+	"github.com/sluicemesh/sluice/internal/rawio"
 	"github.com/sluicemesh/sluice/internal/spiffe"
 	"github.com/sluicemesh/sluice/ztunnel/identity"
 	"github.com/sluicemesh/sluice/ztunnel/state"
@@ -340,7 +341,12 @@ func (p *Proxy) dialHBONE(ctx context.Context, key hbone.PoolKey) (net.Conn, err
 	if err != nil {
 		return nil, dialError(key.Addr, err)
 	}
-	tc := hbone.TLSClient(raw, p.cfg.Identity.ClientTLS(src, dst))
+	rw, err := rawio.NewConn(raw)
+	if err != nil {
+		raw.Close()
+		return nil, err
+	}
+	tc := hbone.TLSClient(rw, p.cfg.Identity.ClientTLS(src, dst))
 	if err := tc.HandshakeContext(ctx); err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("mutual TLS with %s (expecting %s) failed: %w", key.Addr, dst, err)
