@@ -31,9 +31,11 @@ check-generate: generate
 		git status --porcelain -- bpf/; git diff --stat -- bpf/; exit 1; \
 	fi
 
+# Static binaries, as shipped: no libc mapped into every ztunnel and agent (about 1.5 MB
+# of resident memory each).
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cni/cmd/... ./ztunnel/cmd/... ./sluicectl/
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cni/cmd/... ./ztunnel/cmd/... ./sluicectl/
 
 test: deps
 	$(GO) vet ./...

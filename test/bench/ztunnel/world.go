@@ -253,14 +253,20 @@ func (b *bench) setUp(ctx context.Context, w *world) error {
 	return startPeers(ctx, w, authority)
 }
 
+// staticBuild is the environment of the builds: static binaries, as `make build` makes
+// and as they ship. Both builds use -trimpath, so that the one at -ztunnel-ref, from
+// another directory, finds what it shares with this checkout in the build cache.
+var staticBuild = append(os.Environ(), "CGO_ENABLED=0")
+
 // buildSluice builds the node agent, the CNI plugin and ztunnel from this checkout, so
 // that the benchmark measures the code as it is.
 func buildSluice(ctx context.Context, dir string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", dir+"/",
+	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", dir+"/",
 		"./cni/cmd/sluice-agent", "./cni/cmd/sluice-cni", "./ztunnel/cmd/ztunnel")
+	cmd.Env = staticBuild
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build sluice-agent, sluice-cni and ztunnel (run from the repository's root): %w\n%s", err, out)
 	}
@@ -275,8 +281,8 @@ func buildZtunnelAt(ctx context.Context, ref, out, dir string) error {
 		return fmt.Errorf("git worktree add %s: %w\n%s", ref, err, b)
 	}
 	defer exec.Command("git", "worktree", "remove", "--force", dir).Run()
-	build := exec.CommandContext(ctx, "go", "build", "-o", out, "./ztunnel/cmd/ztunnel")
-	build.Dir = dir
+	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, "./ztunnel/cmd/ztunnel")
+	build.Dir, build.Env = dir, staticBuild
 	if b, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("build ztunnel at %s: %w\n%s", ref, err, b)
 	}
