@@ -10,6 +10,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -245,6 +246,60 @@ func TestMeshEndToEnd(t *testing.T) {
 		conn.Close() // the access log line is written when the connection ends
 		waitLog(t, m.zt[0], "direction=outbound", "dst.identity=spiffe://cluster.local/ns/mesh/sa/sa-b", "protocol=HBONE", "outcome=ok")
 		waitLog(t, m.zt[1], "direction=inbound", "src.identity=spiffe://cluster.local/ns/mesh/sa/sa-a", "outcome=ok")
+	})
+
+	t.Run("bulk data to a slow reader arrives intact and half-close crosses both ways", func(t *testing.T) {
+		// b's application reads nothing for a while, so its socket fills and ztunnel
+		// queues the rest (the flusher's path), then reads to the end; it answers only
+		// after a's half-close reached it, and a reads the answer to b's half-close.
+		const sent, reply = 24 << 20, 3 << 20
+		ln, err := b.Listen("tcp", "0.0.0.0:8090")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		served := make(chan error, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				served <- err
+				return
+			}
+			defer c.Close()
+			time.Sleep(500 * time.Millisecond)
+			h := sha256.New()
+			n, err := io.Copy(h, c) // to EOF: a's CloseWrite
+			if err != nil {
+				served <- fmt.Errorf("b read: %w", err)
+				return
+			}
+			fmt.Fprintf(c, "%d %x\n", n, h.Sum(nil))
+			c.Write(bytes.Repeat([]byte("r"), reply))
+			served <- c.(*net.TCPConn).CloseWrite()
+		}()
+		conn := meshlab.Dial(t, a, b.AddrPort(8090).String())
+		defer conn.Close()
+		data := make([]byte, sent)
+		rand.Read(data)
+		if _, err := conn.Write(data); err != nil {
+			t.Fatalf("a write: %v", err)
+		}
+		conn.(*net.TCPConn).CloseWrite()
+		conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+		got, err := io.ReadAll(conn)
+		if err != nil {
+			t.Fatalf("a read: %v", err)
+		}
+		if err := <-served; err != nil {
+			t.Fatal(err)
+		}
+		line, rest, _ := bytes.Cut(got, []byte("\n"))
+		if want := fmt.Sprintf("%d %x", sent, sha256.Sum256(data)); string(line) != want {
+			t.Fatalf("b received %q, want %q", line, want)
+		}
+		if len(rest) != reply {
+			t.Fatalf("a received %d bytes of b's answer before EOF, want %d", len(rest), reply)
+		}
 	})
 
 	t.Run("nothing crosses the nodes' link in clear text", func(t *testing.T) {
