@@ -210,9 +210,10 @@ func (sc *serverConn) runHandler(s *Stream) {
 		sc.handlers.Done()
 	}
 	s.detach = end
+	req := s.req
 	defer func() {
 		if r := recover(); r != nil {
-			sc.c.log.Error("hbone handler panicked", "authority", s.req.Authority, "panic", r, "stack", string(debug.Stack()))
+			sc.c.log.Error("hbone handler panicked", "authority", req.Authority, "panic", r, "stack", string(debug.Stack()))
 			s.resetLocal(http2.ErrCodeInternal)
 		}
 		s.mu.Lock()
@@ -226,14 +227,16 @@ func (sc *serverConn) runHandler(s *Stream) {
 			end()
 		}
 	}()
-	sc.srv.Handler(s.ctx, s.req, s)
+	sc.srv.Handler(s.ctx, req, s)
 }
 
 // Detach lets the Handler return while the stream carries on (server side): the stream
 // is no longer closed when the Handler returns, and end must be called exactly once when
 // the caller is done with it; it closes the stream and releases its handler slot (and
 // ServeConn waits for it like for a running Handler). A proxy uses it to carry a
-// long-lived stream on goroutines with small stacks instead of the Handler's.
+// long-lived stream on goroutines with small stacks instead of the Handler's. The stream
+// forgets its Request (Request returns nil): its header map would otherwise be held for
+// as long as the tunnel, by every held connection.
 func (s *Stream) Detach() (end func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -241,14 +244,19 @@ func (s *Stream) Detach() (end func()) {
 		return func() {}
 	}
 	s.detached = true
+	s.req = nil
 	var once sync.Once
 	d := s.detach
 	return func() { once.Do(d) }
 }
 
-// Request returns the CONNECT request of a server-side stream, nil on the
-// client side.
-func (s *Stream) Request() *Request { return s.req }
+// Request returns the CONNECT request of a server-side stream; nil on the client
+// side and after Detach.
+func (s *Stream) Request() *Request {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.req
+}
 
 // Respond answers the CONNECT request (server side). 200 establishes the
 // tunnel; any other status (403, 503, ...) refuses it and ends the stream.

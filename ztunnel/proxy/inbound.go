@@ -89,7 +89,12 @@ func (p *Proxy) handleInbound(ctx context.Context, ps *podServer, req *hbone.Req
 		s.Respond(401)
 		return
 	}
-	app, err := ps.netns.DialFrom(ctx, netip.AddrPortFrom(pr.addr.Addr(), 0), target)
+	// Not derived from the stream's context: a child would leave that context holding
+	// an (empty) map of children for as long as the tunnel is held. A stream that dies
+	// meanwhile fails at Respond below.
+	dctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
+	app, err := ps.netns.DialFrom(dctx, netip.AddrPortFrom(pr.addr.Addr(), 0), target)
+	cancel()
 	if err != nil {
 		rec.err = fmt.Errorf("deliver to %s: %w", target, err)
 		s.Respond(503)
