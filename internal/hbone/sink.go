@@ -14,8 +14,15 @@ import (
 // stream waits for data, no hand-off wakes one for every frame, and a frame the socket
 // takes at once never waits in a chunk. Only when the socket is full does a goroutine
 // start, to write what is queued as the socket drains; it ends when the queue is empty.
-// The reader itself never blocks on a destination, so one slow receiver cannot hold up
-// the other streams of its connection (its queue is bounded by the stream window).
+// The reader itself never blocks on a destination. A destination that does not read
+// holds back at most its stream's window of the connection's window, as unread data
+// does with Read: with the connection window no larger than the stream window (Istio's
+// and our default, 4 MiB each), that stalls the connection's other streams until it
+// reads or is closed, exactly as before SendTo.
+//
+// The destination must be a non-blocking socket (a *net.TCPConn is): the reader writes
+// to it with raw system calls (package rawio), which also means the race detector does
+// not see those writes read their buffers.
 
 // sink is where a stream in SendTo mode delivers. Its fields other than rc, count and
 // done are under the stream's mu.
@@ -54,7 +61,13 @@ func (s *Stream) sending() bool {
 // ended its direction (or reset the stream with NO_ERROR) and all its data reached dst,
 // otherwise with why delivery stopped (dst failed, the stream was reset or closed, the
 // connection died). done does not close or half-close dst: that is the caller's choice.
+// When the stream is closed or reset from elsewhere, a write already under way may still
+// reach dst after done: close dst to stop delivery at once. SendTo fails (and the caller
+// reads as usual) where raw socket writes are not available, outside Unix.
 func (s *Stream) SendTo(dst syscall.Conn, count func(int), done func(error)) error {
+	if !sinkSupported {
+		return errors.ErrUnsupported
+	}
 	rc, err := dst.SyscallConn()
 	if err != nil {
 		return err
@@ -244,13 +257,15 @@ func (s *Stream) flushSink() {
 		left := h.w - h.r - n
 		putChunk(h)
 		if err != nil {
-			s.c.returnConnCredit(int64(left))
 			s.mu.Lock()
 			if k.err == nil {
 				k.err = err
 			}
-			s.c.returnConnCredit(int64(s.dropLocked()))
+			dropped := s.dropLocked()
 			s.mu.Unlock()
+			// Outside mu: returning credit may queue a WINDOW_UPDATE, and a full
+			// control queue shuts the connection down, which takes every stream's mu.
+			s.c.returnConnCredit(int64(left + dropped))
 		}
 	}
 }

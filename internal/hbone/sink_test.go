@@ -135,10 +135,18 @@ func TestSendToDeliversInOrder(t *testing.T) {
 	}
 }
 
-// A destination that does not read holds up only its own stream: the reader goroutine
-// never blocks on it, so the connection's other streams keep flowing.
+// A destination that does not read holds up only its own stream while the connection's
+// window has room beyond that stream's window: the reader goroutine never blocks on it.
+// (With the connection window no larger than the stream window, Istio's defaults, the
+// stalled stream takes all of it: see the comment at the top of sink.go.)
 func TestSendToStalledDestinationDoesNotStallOthers(t *testing.T) {
-	ts := startServer(t, &Server{Handler: sendingHandler}, nil)
+	ts := startServer(t, &Server{Handler: func(ctx context.Context, req *Request, s *Stream) {
+		s.Respond(200)
+		n, _ := strconv.Atoi(req.Authority[len("10.0.0.1:"):])
+		s.Write(pattern(uint64(n), n)) // each stream its own bytes
+		s.CloseWrite()
+		<-ctx.Done()
+	}}, nil)
 	cc := ts.dial(t, ClientOptions{StreamWindow: 1 << 20, ConnWindow: 4 << 20})
 	stuck, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:3000000"})
 	if err != nil {
@@ -161,8 +169,40 @@ func TestSendToStalledDestinationDoesNotStallOthers(t *testing.T) {
 		t.Fatalf("second stream: %v", err)
 	}
 	n2.CloseWrite()
-	if b := <-got; len(b) != 4000000 {
-		t.Fatalf("second stream delivered %d bytes while the first was stuck, want 4000000", len(b))
+	if b := <-got; !bytes.Equal(b, pattern(4000000, 4000000)) {
+		t.Fatalf("second stream delivered %d bytes while the first was stuck, want its own 4000000", len(b))
+	}
+}
+
+// Closing a stream whose flusher is blocked on a full destination ends delivery once the
+// destination is closed too, with done called once.
+func TestSendToCloseWhileFlushing(t *testing.T) {
+	ts := startServer(t, &Server{Handler: sendingHandler}, nil)
+	cc := ts.dial(t, ClientOptions{})
+	s, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:3000000"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	near, _ := tcpPair(t, 16<<10) // never read: the flusher blocks
+	r := sendTo(t, s, near)
+	waitFor(t, 5*time.Second, "the flusher to take over", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.sink.flushing
+	})
+	s.Close()
+	near.Close()
+	if err := r.wait(t); err == nil {
+		t.Fatal("done: nil after the stream was closed mid-transfer")
+	}
+	// The connection is fine: another stream on it completes.
+	s2, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:100000"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if n, err := io.Copy(io.Discard, s2); err != nil || n != 100000 {
+		t.Fatalf("next stream read %d, %v", n, err)
 	}
 }
 

@@ -10,6 +10,8 @@ import (
 	"github.com/sluicemesh/sluice/internal/rawio"
 )
 
+const sinkSupported = true
+
 // writeNow writes as much of b as the socket takes without waiting.
 func (k *sink) writeNow(b []byte) (int, error) {
 	var (

@@ -17,6 +17,7 @@ import (
 type TLSConn struct {
 	*tls.Conn
 	raw *recordBatcher
+	wmu sync.Mutex // one Write gathers at a time, as net.Conn allows concurrent Writes
 }
 
 // TLSClient is tls.Client with batched writes.
@@ -37,6 +38,8 @@ func (c *TLSConn) Write(p []byte) (int, error) {
 	if err := c.Conn.Handshake(); err != nil {
 		return 0, err
 	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
 	c.raw.begin()
 	n, err := c.Conn.Write(p)
 	if ferr := c.raw.flush(); err == nil && ferr != nil {

@@ -90,3 +90,48 @@ func TestTLSConnBatchedWrites(t *testing.T) {
 		}
 	}
 }
+
+// Concurrent Writes through one TLSConn each arrive whole: gathering one does not drop or
+// interleave another's records.
+func TestTLSConnConcurrentWrites(t *testing.T) {
+	serverConf, clientConf := selfSignedTLS(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() { c, _ := ln.Accept(); accepted <- c }()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := TLSClient(raw, clientConf)
+	defer client.Close()
+	server := TLSServer(<-accepted, serverConf)
+	defer server.Close()
+
+	const writers, writes, size = 4, 40, 40 << 10
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() {
+			block := bytes.Repeat([]byte{byte('a' + w)}, size)
+			for range writes {
+				if _, err := client.Write(block); err != nil {
+					t.Errorf("writer %d: %v", w, err)
+					return
+				}
+			}
+		})
+	}
+	buf := make([]byte, size)
+	for i := range writers * writes {
+		if _, err := io.ReadFull(server, buf); err != nil {
+			t.Fatalf("block %d: %v", i, err)
+		}
+		if c := buf[0]; bytes.Count(buf, []byte{c}) != size {
+			t.Fatalf("block %d mixes the bytes of several writes", i)
+		}
+	}
+	wg.Wait()
+}

@@ -115,6 +115,12 @@ func copyHalf(dst, src halfCloser, c *counter) error {
 // aborts.
 func finish(dst halfCloser, err error) error {
 	switch {
+	case errors.Is(err, hbone.ErrConnClosed):
+		// The HBONE connection died under the stream (even with a clean FIN, which
+		// wraps io.EOF): the transfer was cut off, and the application must not take
+		// it for a clean end.
+		abort(dst)
+		return err
 	case err == nil || errors.Is(err, io.EOF):
 		return dst.CloseWrite()
 	case errors.Is(err, net.ErrClosed):

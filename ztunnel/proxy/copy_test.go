@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sluicemesh/sluice/internal/hbone"
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
@@ -66,5 +69,28 @@ func TestPipeHalfCloseAndReset(t *testing.T) {
 	}
 	if sent.n.Load() != 7 || received.n.Load() != 8 {
 		t.Errorf("counted %d sent, %d received; want 7, 8", sent.n.Load(), received.n.Load())
+	}
+}
+
+// An HBONE connection that dies under a stream, even with a clean FIN (its error then
+// wraps io.EOF too), cut the transfer off: the application sees a reset, not an end.
+func TestFinishResetsWhenTheTunnelDies(t *testing.T) {
+	app, proxyIn := tcpPair(t)
+	err := finish(proxyIn, fmt.Errorf("%w: peer closed the connection: %w", hbone.ErrConnClosed, io.EOF))
+	if err == nil {
+		t.Error("finish reported a cut-off transfer as clean")
+	}
+	app.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, rerr := app.Read(make([]byte, 1)); !errors.Is(rerr, syscall.ECONNRESET) {
+		t.Fatalf("the application read %v, want ECONNRESET", rerr)
+	}
+	// Control: a clean end of the stream half-closes.
+	app2, proxyIn2 := tcpPair(t)
+	if err := finish(proxyIn2, io.EOF); err != nil {
+		t.Fatal(err)
+	}
+	app2.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if _, rerr := app2.Read(make([]byte, 1)); rerr != io.EOF {
+		t.Fatalf("after a clean end the application read %v, want EOF", rerr)
 	}
 }
