@@ -91,8 +91,9 @@ func (p *Proxy) handleInbound(ctx context.Context, ps *podServer, req *hbone.Req
 	}
 	// Not derived from the stream's context: a child would leave that context holding
 	// an (empty) map of children for as long as the tunnel is held. A stream that dies
-	// meanwhile fails at Respond below; a drain still cancels the dial.
-	dctx, cancel := context.WithTimeout(p.draining, p.cfg.ConnectTimeout)
+	// meanwhile fails at Respond below. Nor from the drain: a stream accepted before the
+	// drain began must still be delivered, or a restart would refuse connections.
+	dctx, cancel := context.WithTimeout(context.Background(), p.cfg.ConnectTimeout)
 	app, err := ps.netns.DialFrom(dctx, netip.AddrPortFrom(pr.addr.Addr(), 0), target)
 	cancel()
 	if err != nil {
