@@ -24,10 +24,11 @@ import (
 // to it with raw system calls (package rawio), which also means the race detector does
 // not see those writes read their buffers.
 
-// sink is where a stream in SendTo mode delivers. Its fields other than rc, count and
-// done are under the stream's mu.
+// sink is where a stream in SendTo mode delivers. Its fields other than w, count and
+// done are under the stream's mu. w is used by one goroutine at a time: the reader
+// while no flusher runs, the flusher while it does.
 type sink struct {
-	rc    syscall.RawConn
+	w     *sinkWriter
 	count func(int)
 	done  func(error)
 
@@ -80,7 +81,7 @@ func (s *Stream) SendTo(dst syscall.Conn, count func(int), done func(error)) err
 		s.mu.Unlock()
 		return errSinkSet
 	}
-	s.sink = &sink{rc: rc, count: count, done: done}
+	s.sink = &sink{w: newSinkWriter(rc), count: count, done: done}
 	flush := false
 	if s.head != nil {
 		// Data that arrived before SendTo goes out first, on the flusher.
@@ -157,7 +158,7 @@ func (s *Stream) sinkReceive(b []byte, ck *chunk) {
 	s.mu.Unlock()
 
 	// Only this goroutine writes to dst while no flusher runs.
-	n, err := k.writeNow(b)
+	n, err := k.w.WriteNow(b)
 	if n > 0 {
 		s.delivered(n)
 	}
@@ -250,7 +251,7 @@ func (s *Stream) flushSink() {
 		s.buffered -= h.w - h.r
 		s.mu.Unlock()
 
-		n, err := k.writeAll(h.buf[h.r:h.w])
+		n, err := k.w.Write(h.buf[h.r:h.w])
 		if n > 0 {
 			s.delivered(n)
 		}

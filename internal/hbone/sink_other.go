@@ -2,10 +2,17 @@
 
 package hbone
 
-import "errors"
+import (
+	"errors"
+	"syscall"
+)
 
 // Outside Unix there are no raw socket writes: SendTo refuses, callers read instead.
 const sinkSupported = false
 
-func (k *sink) writeNow([]byte) (int, error) { return 0, errors.ErrUnsupported }
-func (k *sink) writeAll([]byte) (int, error) { return 0, errors.ErrUnsupported }
+type sinkWriter struct{}
+
+func newSinkWriter(syscall.RawConn) *sinkWriter { return &sinkWriter{} }
+
+func (*sinkWriter) WriteNow([]byte) (int, error) { return 0, errors.ErrUnsupported }
+func (*sinkWriter) Write([]byte) (int, error)    { return 0, errors.ErrUnsupported }

@@ -135,11 +135,7 @@ func (s *Stream) receive(b []byte, ck *chunk) {
 		}
 		return
 	}
-	if ck != nil {
-		s.appendChunkLocked(ck)
-	} else {
-		s.appendBytesLocked(b)
-	}
+	s.queueLocked(b, ck)
 	s.mu.Unlock()
 	wake(s.readWake)
 }

@@ -16,14 +16,14 @@ import (
 type Conn struct {
 	*net.TCPConn
 	rc syscall.RawConn
+	w  *Writer
 
-	// The state of the call in progress, so that the callbacks given to rc are made
+	// The state of the read in progress, so that the callback given to rc is made
 	// once, not per call.
-	rp, wp     []byte
-	rn, wn     int
-	rerr, werr error
-	readFn     func(fd uintptr) bool
-	writeFn    func(fd uintptr) bool
+	rp     []byte
+	rn     int
+	rerr   error
+	readFn func(fd uintptr) bool
 }
 
 // NewConn wraps c.
@@ -32,29 +32,14 @@ func NewConn(c *net.TCPConn) (*Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	rw := &Conn{TCPConn: c, rc: rc}
-	rw.readFn, rw.writeFn = rw.readOnce, rw.writeSome
+	rw := &Conn{TCPConn: c, rc: rc, w: NewWriter(rc)}
+	rw.readFn = rw.readOnce
 	return rw, nil
 }
 
 func (c *Conn) readOnce(fd uintptr) bool {
 	c.rn, c.rerr = Read(fd, c.rp)
 	return c.rerr != syscall.EAGAIN
-}
-
-func (c *Conn) writeSome(fd uintptr) bool {
-	for c.wn < len(c.wp) {
-		n, err := Write(fd, c.wp[c.wn:])
-		if err == syscall.EAGAIN {
-			return false // full: wait until writable
-		}
-		if err != nil {
-			c.werr = err
-			return true
-		}
-		c.wn += n
-	}
-	return true
 }
 
 // Read reads what is there, waiting for data if there is none.
@@ -78,19 +63,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 }
 
 // Write writes all of p, waiting for room as often as needed.
-func (c *Conn) Write(p []byte) (int, error) {
-	c.wp, c.wn = p, 0
-	err := c.rc.Write(c.writeFn)
-	n, werr := c.wn, c.werr
-	c.wp, c.wn, c.werr = nil, 0, nil
-	switch {
-	case err != nil:
-		return n, opError("write", err)
-	case werr != nil:
-		return n, opError("write", os.NewSyscallError("write", werr))
-	}
-	return n, nil
-}
+func (c *Conn) Write(p []byte) (int, error) { return c.w.Write(p) }
 
 func opError(op string, err error) error {
 	if _, ok := err.(*net.OpError); ok {
