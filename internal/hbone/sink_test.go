@@ -195,13 +195,19 @@ func TestSendToCloseWhileFlushing(t *testing.T) {
 	if err := r.wait(t); err == nil {
 		t.Fatal("done: nil after the stream was closed mid-transfer")
 	}
-	// The connection is fine: another stream on it completes.
-	s2, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:100000"})
+	nextStreamCompletes(t, cc)
+}
+
+// nextStreamCompletes checks that the connection still works: a new stream on it
+// carries a whole transfer.
+func nextStreamCompletes(t *testing.T, cc *ClientConn) {
+	t.Helper()
+	s, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:100000"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer s2.Close()
-	if n, err := io.Copy(io.Discard, s2); err != nil || n != 100000 {
+	defer s.Close()
+	if n, err := io.Copy(io.Discard, s); err != nil || n != 100000 {
 		t.Fatalf("next stream read %d, %v", n, err)
 	}
 }
@@ -269,15 +275,7 @@ func TestSendToErrors(t *testing.T) {
 		if err := sendTo(t, s, near).wait(t); err == nil {
 			t.Fatal("done: nil, want the write error")
 		}
-		// The connection is fine: another stream on it completes.
-		s2, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:100000"})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer s2.Close()
-		if n, err := io.Copy(io.Discard, s2); err != nil || n != 100000 {
-			t.Fatalf("next stream read %d, %v", n, err)
-		}
+		nextStreamCompletes(t, cc)
 	})
 	t.Run("local close", func(t *testing.T) {
 		ts := startServer(t, &Server{Handler: sendingHandler}, nil)

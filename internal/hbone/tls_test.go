@@ -8,10 +8,10 @@ import (
 	"testing"
 )
 
-// Records gathered by TLSConn reach the peer intact and in order, in both directions at
-// once and for writes of every size around the record and buffer limits, and an idle
-// connection keeps no gathering buffer.
-func TestTLSConnBatchedWrites(t *testing.T) {
+// tlsPair returns both ends of a loopback TLS 1.3 connection made with TLSClient and
+// TLSServer; they are closed when the test ends.
+func tlsPair(t *testing.T) (client, server *TLSConn) {
+	t.Helper()
 	serverConf, clientConf := selfSignedTLS(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -31,14 +31,21 @@ func TestTLSConnBatchedWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	client := TLSClient(raw, clientConf)
-	defer client.Close()
 	sraw := <-accepted
 	if sraw == nil {
+		raw.Close()
 		t.Fatal("accept failed")
 	}
-	server := TLSServer(sraw, serverConf)
-	defer server.Close()
+	client, server = TLSClient(raw, clientConf), TLSServer(sraw, serverConf)
+	t.Cleanup(func() { client.Close(); server.Close() })
+	return client, server
+}
+
+// Records gathered by TLSConn reach the peer intact and in order, in both directions at
+// once and for writes of every size around the record and buffer limits, and an idle
+// connection keeps no gathering buffer.
+func TestTLSConnBatchedWrites(t *testing.T) {
+	client, server := tlsPair(t)
 
 	sizes := []int{1, 100, 16 << 10, 16<<10 + 1, IdealWrite, writeBufSize, 3*writeBufSize + 17, 1 << 20}
 	send := func(c *TLSConn, seed uint64) ([]byte, error) {
@@ -94,22 +101,7 @@ func TestTLSConnBatchedWrites(t *testing.T) {
 // Concurrent Writes through one TLSConn each arrive whole: gathering one does not drop or
 // interleave another's records.
 func TestTLSConnConcurrentWrites(t *testing.T) {
-	serverConf, clientConf := selfSignedTLS(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	accepted := make(chan net.Conn, 1)
-	go func() { c, _ := ln.Accept(); accepted <- c }()
-	raw, err := net.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	client := TLSClient(raw, clientConf)
-	defer client.Close()
-	server := TLSServer(<-accepted, serverConf)
-	defer server.Close()
+	client, server := tlsPair(t)
 
 	const writers, writes, size = 4, 40, 40 << 10
 	var wg sync.WaitGroup
