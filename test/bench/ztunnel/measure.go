@@ -264,14 +264,8 @@ func sum(v []int64) int64 {
 // up to each of steps in turn, reading the memory at each, and closes them all. It stops
 // at the first step it cannot reach.
 func (b *bench) holdSteps(ctx context.Context, m *mode, steps []int, extra map[int]bool) ([]holdResult, error) {
-	for i, p := range m.tunnels {
-		np, err := p.restart(ctx)
-		if np != nil {
-			m.tunnels[i] = np
-		}
-		if err != nil {
-			return nil, err
-		}
+	if err := restartAll(ctx, m.tunnels); err != nil {
+		return nil, err
 	}
 	if err := b.probe(ctx, m); err != nil {
 		return nil, err

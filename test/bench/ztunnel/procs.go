@@ -57,6 +57,21 @@ func (p *proc) restart(ctx context.Context) (*proc, error) {
 	return spawn(ctx, p.name, p.mk, p.logPath, p.ready)
 }
 
+// restartAll restarts each of ps in place (the slice then holds the new processes),
+// stopping at the first that fails.
+func restartAll(ctx context.Context, ps []*proc) error {
+	for i, p := range ps {
+		np, err := p.restart(ctx)
+		if np != nil {
+			ps[i] = np
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // startProc starts cmd (from Node.Command or Pod.Command, which put it in a netns and a
 // cgroup of the lab) in a session of its own, so that ^C on the terminal reaches only the
 // benchmark, which then stops everything in order; its output goes to logPath unless

@@ -236,14 +236,8 @@ func (b *bench) useZtunnel(ctx context.Context, m *mode) error {
 		return nil
 	}
 	w.ztBin = m.ztBin
-	for i, p := range w.ztunnels {
-		np, err := p.restart(ctx)
-		if np != nil {
-			w.ztunnels[i] = np
-		}
-		if err != nil {
-			return fmt.Errorf("switch ztunnel to %s: %w", m.name, err)
-		}
+	if err := restartAll(ctx, w.ztunnels); err != nil {
+		return fmt.Errorf("switch ztunnel to %s: %w", m.name, err)
 	}
 	return b.probe(ctx, m)
 }
