@@ -28,6 +28,7 @@ import (
 	"github.com/sluicemesh/sluice/cni/cniapi"
 	"github.com/sluicemesh/sluice/cni/install"
 	"github.com/sluicemesh/sluice/cni/zds"
+	"github.com/sluicemesh/sluice/internal/kubeworkload"
 	"github.com/sluicemesh/sluice/internal/workload"
 )
 
@@ -358,7 +359,7 @@ func (a *Agent) forgetLocked(rec *record) {
 
 func (a *Agent) workloadOf(rec *record, pod *corev1.Pod) zds.Workload {
 	if pod != nil {
-		rec.ServiceAccount = workload.ServiceAccount(pod)
+		rec.ServiceAccount = workload.ServiceAccount(kubeworkload.Pod(pod))
 		rec.Labels = pod.Labels
 	}
 	return zds.Workload{Name: rec.Name, Namespace: rec.Namespace, Node: a.cfg.NodeName, IPs: rec.IPs,
@@ -369,7 +370,7 @@ func (a *Agent) workloadOf(rec *record, pod *corev1.Pod) zds.Workload {
 func (a *Agent) writeMeshStateLocked() {
 	var ambient []string
 	for _, ns := range a.cfg.Source.Namespaces() {
-		if workload.NamespaceAmbient(ns) {
+		if workload.NamespaceAmbient(ns.Labels) {
 			ambient = append(ambient, ns.Name)
 		}
 	}

@@ -12,6 +12,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/sluicemesh/sluice/cni/cniapi"
+	"github.com/sluicemesh/sluice/internal/kubeworkload"
 	"github.com/sluicemesh/sluice/internal/workload"
 )
 
@@ -87,7 +88,7 @@ func (a *Agent) cniAdd(req *cniapi.Request) (bool, error) {
 	}
 
 	if pod == nil {
-		if workload.NamespaceAmbient(ns) {
+		if workload.NamespaceAmbient(kubeworkload.NamespaceLabels(ns)) {
 			return false, retryable{fmt.Errorf("pod %s is in ambient namespace %s but the node agent has not seen the pod yet; the runtime will retry", key, req.PodNamespace)}
 		}
 		return false, nil

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/sluicemesh/sluice/bpf"
+	"github.com/sluicemesh/sluice/internal/kubeworkload"
 	"github.com/sluicemesh/sluice/internal/workload"
 )
 
@@ -53,7 +54,7 @@ func (c *podCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		w := who{r.Namespace, r.Name, r.Name}
 		if pod, ok := a.cfg.Source.Pod(r.key()); ok {
-			w.workload = workload.Name(pod)
+			w.workload = workload.Name(kubeworkload.Pod(pod))
 		}
 		byCookie[r.Cookie] = w
 	}

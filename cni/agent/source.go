@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 
+	"github.com/sluicemesh/sluice/internal/kubeworkload"
 	"github.com/sluicemesh/sluice/internal/workload"
 	corev1 "k8s.io/api/core/v1"
 )
@@ -30,7 +31,7 @@ type Source interface {
 // workload.Ambient it also needs the namespace to be known: a pod whose namespace the
 // source has not seen yet is left alone until it has.
 func InMesh(pod *corev1.Pod, ns *corev1.Namespace) bool {
-	return ns != nil && workload.Ambient(pod, ns)
+	return pod != nil && ns != nil && workload.Ambient(kubeworkload.Pod(pod), ns.Labels)
 }
 
 func podKey(namespace, name string) string { return namespace + "/" + name }

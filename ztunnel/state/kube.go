@@ -11,7 +11,6 @@ import (
 	"sort"
 	"strings"
 
-	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/sluicemesh/sluice/internal/workload"
@@ -29,9 +28,9 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 		return nil, nil, err
 	}
 	var (
-		pods     []*corev1.Pod
-		nss      = map[string]*corev1.Namespace{}
-		svcs     []*corev1.Service
+		pods     []*kubePod
+		nss      = map[string]*kubeNamespace{}
+		svcs     []*kubeService
 		authz    []policy.AuthorizationPolicy
 		peer     []policy.PeerAuthentication
 		warnings []error
@@ -45,21 +44,21 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 		}
 		switch meta.Kind {
 		case "Pod":
-			var p corev1.Pod
+			var p kubePod
 			if err := json.Unmarshal(d.json, &p); err != nil {
 				warnings = append(warnings, fmt.Errorf("%s: Pod ignored: %w", d.where, err))
 				continue
 			}
 			pods = append(pods, &p)
 		case "Namespace":
-			var n corev1.Namespace
+			var n kubeNamespace
 			if err := json.Unmarshal(d.json, &n); err != nil {
 				warnings = append(warnings, fmt.Errorf("%s: Namespace ignored: %w", d.where, err))
 				continue
 			}
 			nss[n.Name] = &n
 		case "Service":
-			var s corev1.Service
+			var s kubeService
 			if err := json.Unmarshal(d.json, &s); err != nil {
 				warnings = append(warnings, fmt.Errorf("%s: Service ignored: %w", d.where, err))
 				continue
@@ -80,12 +79,12 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 }
 
 // rootNamespace is istio-system: Istio's default, which local mode keeps.
-func rootNamespace(map[string]*corev1.Namespace) string { return policy.DefaultRootNamespace }
+func rootNamespace(map[string]*kubeNamespace) string { return policy.DefaultRootNamespace }
 
-func workloadsFromPods(pods []*corev1.Pod, nss map[string]*corev1.Namespace) []*Workload {
+func workloadsFromPods(pods []*kubePod, nss map[string]*kubeNamespace) []*Workload {
 	var out []*Workload
 	for _, p := range pods {
-		if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+		if p.Spec.HostNetwork || p.Status.Phase == "Succeeded" || p.Status.Phase == "Failed" {
 			continue
 		}
 		var ips []netip.Addr
@@ -106,20 +105,25 @@ func workloadsFromPods(pods []*corev1.Pod, nss map[string]*corev1.Namespace) []*
 		if ns == "" {
 			ns = "default"
 		}
+		var nsLabels map[string]string
+		if n := nss[ns]; n != nil {
+			nsLabels = n.Labels
+		}
+		wp := p.workload()
 		proto := TCP
-		if workload.Ambient(p, nss[ns]) {
+		if workload.Ambient(wp, nsLabels) {
 			proto = HBONE
 		}
 		out = append(out, &Workload{
-			UID: string(p.UID), Name: p.Name, Namespace: ns, ServiceAccount: workload.ServiceAccount(p),
+			UID: p.UID, Name: p.Name, Namespace: ns, ServiceAccount: workload.ServiceAccount(wp),
 			Node: p.Spec.NodeName, IPs: ips, Labels: p.Labels, Protocol: proto,
-			WorkloadName: workload.Name(p), CanonicalName: workload.CanonicalService(p), CanonicalRevision: workload.CanonicalRevision(p),
+			WorkloadName: workload.Name(wp), CanonicalName: workload.CanonicalService(wp), CanonicalRevision: workload.CanonicalRevision(wp),
 		})
 	}
 	return out
 }
 
-func servicesFromKube(svcs []*corev1.Service) ([]*Service, []error) {
+func servicesFromKube(svcs []*kubeService) ([]*Service, []error) {
 	var (
 		out  []*Service
 		errs []error
@@ -143,14 +147,18 @@ func servicesFromKube(svcs []*corev1.Service) ([]*Service, []error) {
 			continue // headless: clients reach pods by their own addresses
 		}
 		for _, p := range s.Spec.Ports {
-			if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+			if p.Protocol != "" && p.Protocol != "TCP" {
+				continue
+			}
+			if p.Port < 1 || p.Port > 65535 || p.TargetPort.Number < 0 || p.TargetPort.Number > 65535 {
+				errs = append(errs, fmt.Errorf("service %s/%s: port %d (targetPort %d) ignored: spec.ports[].port and targetPort must be between 1 and 65535", ns, s.Name, p.Port, p.TargetPort.Number))
 				continue
 			}
 			sp := ServicePort{Name: p.Name, Port: uint16(p.Port), TargetPort: uint16(p.Port)}
-			if p.TargetPort.IntVal != 0 {
-				sp.TargetPort = uint16(p.TargetPort.IntVal)
-			} else if p.TargetPort.StrVal != "" {
-				errs = append(errs, fmt.Errorf("service %s/%s port %d: named targetPort %q is not supported in local mode yet; using the service port", ns, s.Name, p.Port, p.TargetPort.StrVal))
+			if p.TargetPort.Number != 0 {
+				sp.TargetPort = uint16(p.TargetPort.Number)
+			} else if p.TargetPort.Name != "" {
+				errs = append(errs, fmt.Errorf("service %s/%s port %d: named targetPort %q is not supported in local mode yet; using the service port", ns, s.Name, p.Port, p.TargetPort.Name))
 			}
 			svc.Ports = append(svc.Ports, sp)
 		}

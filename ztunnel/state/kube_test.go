@@ -1,6 +1,7 @@
 package state
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -100,5 +101,84 @@ func TestParseDir(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "bad.yaml"), []byte("kind: AuthorizationPolicy\nspec: {}\n"), 0o644)
 	if _, _, err := ParseDir(2, dir); err == nil || !strings.Contains(err.Error(), "metadata.name") {
 		t.Errorf("an unidentifiable policy must reject the whole directory, got %v", err)
+	}
+}
+
+// Objects local mode cannot use are skipped with a warning naming them; the rest of the
+// directory still applies.
+func TestParseDirSkipsWhatItCannotUse(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "odd.yaml"), []byte(`apiVersion: v1
+kind: Pod
+metadata: {name: host, namespace: shop, uid: u-host}
+spec: {hostNetwork: true}
+status: {podIP: 10.0.0.1, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, namespace: shop, uid: u-done}
+status: {podIP: 10.244.0.7, phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: typo, namespace: shop, uid: u-typo}
+spec: {hostNetwork: "yes"}
+status: {podIP: 10.244.0.8, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: job-x1, generateName: job-, namespace: shop, uid: u-job,
+  ownerReferences: [{kind: Job, name: nightly, controller: true}, {kind: ConfigMap, name: other}]}
+status: {podIP: 10.244.0.9, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: big, port: 70000}
+  - {name: grpc, port: 9090, targetPort: 9091}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: headless, namespace: shop}
+spec: {clusterIP: None, ports: [{port: 80}]}
+`), 0o644)
+	snap, warnings, err := ParseDir(1, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	joined := fmt.Sprint(warnings)
+	for _, want := range []string{"odd.yaml#3: Pod ignored", `named targetPort "http"`, "port 70000", "between 1 and 65535"} {
+		if !strings.Contains(joined, want) {
+			t.Errorf("warnings %q lack %q", joined, want)
+		}
+	}
+	for _, uid := range []string{"u-host", "u-done", "u-typo"} {
+		if _, ok := snap.WorkloadByUID(uid); ok {
+			t.Errorf("%s became a workload", uid)
+		}
+	}
+	if job, _ := snap.WorkloadByUID("u-job"); job == nil || job.WorkloadName != "nightly" || job.ServiceAccount != "default" {
+		t.Errorf("job pod = %+v, want workload nightly (its controller) with the default service account", job)
+	}
+	web, ok := snap.ServiceByVIP(netip.MustParseAddr("10.96.0.30"))
+	if !ok {
+		t.Fatal("service web missing")
+	}
+	if p, _ := web.Target(80); p != 80 {
+		t.Errorf("named targetPort: target %d, want the service port 80", p)
+	}
+	if p, _ := web.Target(9090); p != 9091 {
+		t.Errorf("target of 9090 is %d, want 9091", p)
+	}
+	if _, ok := web.Target(53); ok {
+		t.Error("a UDP port was kept")
+	}
+	if len(snap.Services()) != 1 {
+		t.Errorf("services %v: the headless one has no address to capture", snap.Services())
 	}
 }
