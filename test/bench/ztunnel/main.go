@@ -47,19 +47,23 @@ type options struct {
 	out      string
 	rounds   int
 	duration time.Duration
-	holds    []int
-	quiet    float64
-	profile  bool
-	fortio   string
-	verbose  bool
-	ref      string
+	// latency is the length of the fixed-rate fortio runs: p99 needs more requests than
+	// the throughput runs need seconds.
+	latency time.Duration
+	holds   []int
+	quiet   float64
+	profile bool
+	fortio  string
+	verbose bool
+	ref     string
 }
 
 func main() {
 	var o options
 	flag.StringVar(&o.out, "out", "docs/bench/ztunnel.md", "write the report here (- for standard output)")
 	flag.IntVar(&o.rounds, "rounds", 3, "rounds; each measures every mode once per test, in a rotated order")
-	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of each iperf3 and fortio run (whole seconds)")
+	flag.DurationVar(&o.duration, "duration", 3*time.Second, "length of each iperf3 run and maximum-rate fortio run (whole seconds)")
+	flag.DurationVar(&o.latency, "latency-duration", 10*time.Second, "length of each fortio run at 1000 requests/s (whole seconds); at 3 s a p99 rests on 30 requests")
 	holds := flag.String("hold", "2000,10000", "numbers of idle connections to hold through each tunnel for the memory figures")
 	flag.Float64Var(&o.quiet, "quiet", 0.10, "measure a run again when other processes used more than this share of the CPU during it (0: never)")
 	flag.BoolVar(&o.profile, "profile", true, "take CPU profiles of both ztunnels under iperf3 and fortio and report their top functions")
@@ -89,9 +93,9 @@ func main() {
 		}
 		o.holds = append(o.holds, n)
 	}
-	o.duration = o.duration.Round(time.Second)
-	if o.rounds <= 0 || o.duration < time.Second {
-		log.Error("-rounds must be positive and -duration at least 1s")
+	o.duration, o.latency = o.duration.Round(time.Second), o.latency.Round(time.Second)
+	if o.rounds <= 0 || o.duration < time.Second || o.latency < time.Second {
+		log.Error("-rounds must be positive, -duration and -latency-duration at least 1s")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

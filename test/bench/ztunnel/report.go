@@ -172,8 +172,8 @@ func (b *bench) report(r *results, f facts) string {
 	p("| tools | %s; %s; %s; %s |\n", f.tools["iperf3"], f.tools["stunnel"], f.tools["haproxy"], f.tools["fortio"])
 	p("| command | `make bench-ztunnel`, i.e. `%s` |\n", f.command)
 	steps, _ := b.holdPlan()
-	p("| settings | %d round(s); every iperf3 and fortio run lasts %v; memory with %s idle connections held |\n",
-		b.opts.rounds, d, joinInts(steps))
+	p("| settings | %d round(s); every iperf3 and maximum-rate fortio run lasts %v, every run at %d requests/s %v; memory with %s idle connections held |\n",
+		b.opts.rounds, d, fortioQPS, b.opts.latency, joinInts(steps))
 	p("| run took | %v |\n", r.took.Round(time.Second))
 	p("| other processes | used %s of the CPU during the runs kept (%s over the rounds, waits included); an upper bound, as it includes network work the kernel ran outside the lab's processes; runs measured again because they took more than %s: %d |\n\n",
 		pct(r.keptForeign()), pct(r.foreign), pct(b.opts.quiet), r.redone)
@@ -224,7 +224,7 @@ func (b *bench) report(r *results, f facts) string {
 	p("\n## Latency at %d requests/s\n\n", fortioQPS)
 	p("fortio from the client pod to fortio's echo server in the server pod: %d requests/s over %d\n", fortioQPS, fortioConns)
 	p("connections, each a POST of %d bytes echoed back (the setup Istio publishes its figures with),\n", fortioPayload)
-	p("%v per run, histogram resolution 10 µs. Milliseconds; each percentile is the median of the\n", d)
+	p("%v per run, histogram resolution 10 µs. Milliseconds; each percentile is the median of the\n", b.opts.latency)
 	p("rounds' percentiles (range shown for p50); \"added\" is the mode's median minus direct's.\n\n")
 	p("| mode | p50 | p50 range | p90 | p99 | added p50 | added p90 | added p99 | requests | errors | others' CPU |\n")
 	p("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n")

@@ -62,7 +62,7 @@ func (b *bench) run(ctx context.Context) (*results, error) {
 	tests := map[string]func(context.Context, *mode) (sample, error){
 		testTput1: func(ctx context.Context, m *mode) (sample, error) { return b.iperf(ctx, m, 1, d) },
 		testTput4: func(ctx context.Context, m *mode) (sample, error) { return b.iperf(ctx, m, 4, d) },
-		testLat:   func(ctx context.Context, m *mode) (sample, error) { return b.fortio(ctx, m, fortioQPS, d) },
+		testLat:   func(ctx context.Context, m *mode) (sample, error) { return b.fortio(ctx, m, fortioQPS, b.opts.latency) },
 		testMax:   func(ctx context.Context, m *mode) (sample, error) { return b.fortio(ctx, m, 0, d) },
 	}
 	for round := range b.opts.rounds {
