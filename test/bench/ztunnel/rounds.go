@@ -165,36 +165,21 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 		"stunnel": netip.AddrPortFrom(w.serverPlain.IP, stunnelServerBase+2),
 		"haproxy": netip.AddrPortFrom(w.serverPlain.IP, haproxyServerBase+2),
 	}
-	var want []helloKey
-	for _, k := range keys {
-		want = append(want, k)
-	}
-	sn, err := sniff(w.nodes[0], "eth0", want)
+	var ref *mode
+	err := b.recordHellos(res, keys, func() error {
+		for _, m := range b.modes {
+			if m.key == "ref" {
+				ref = m // last: the checks below are about this build
+				continue
+			}
+			if err := b.probe(ctx, m); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		return err
-	}
-	var probeErr error
-	var ref *mode
-	for _, m := range b.modes {
-		if m.key == "ref" {
-			ref = m // last: the checks below are about this build
-			continue
-		}
-		if probeErr = b.probe(ctx, m); probeErr != nil {
-			break
-		}
-	}
-	time.Sleep(100 * time.Millisecond)
-	hellos := sn.stop()
-	if probeErr != nil {
-		return probeErr
-	}
-	for mode, k := range keys {
-		h, ok := hellos[k]
-		if !ok {
-			return fmt.Errorf("no TLS ServerHello from %s (%s) seen on %s's eth0: is that mode's traffic encrypted?", k, mode, w.nodes[0].Name)
-		}
-		res.hello[mode] = h
 	}
 	// The mesh pair's probe must have been carried by ztunnel: its server side counts
 	// the inbound connection once it closed.
@@ -220,12 +205,39 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 	if err := b.useZtunnel(ctx, ref); err != nil {
 		return err
 	}
-	if err := b.probe(ctx, ref); err != nil {
+	err = b.recordHellos(res, map[string]helloKey{ref.key: keys["sluice"]}, func() error { return b.probe(ctx, ref) })
+	if err != nil {
 		return err
 	}
-	time.Sleep(100 * time.Millisecond)
 	res.idle[ref.key], err = rssOf(ref.tunnels)
 	return err
+}
+
+// recordHellos runs probe while recording the link between the nodes and keeps, for each
+// mode in keys, the ServerHello its server endpoint sent.
+func (b *bench) recordHellos(res *results, keys map[string]helloKey, probe func() error) error {
+	var want []helloKey
+	for _, k := range keys {
+		want = append(want, k)
+	}
+	sn, err := sniff(b.w.nodes[0], "eth0", want)
+	if err != nil {
+		return err
+	}
+	probeErr := probe()
+	time.Sleep(100 * time.Millisecond)
+	hellos := sn.stop()
+	if probeErr != nil {
+		return probeErr
+	}
+	for mode, k := range keys {
+		h, ok := hellos[k]
+		if !ok {
+			return fmt.Errorf("no TLS ServerHello from %s (%s) seen on %s's eth0: is that mode's traffic encrypted?", k, mode, b.w.nodes[0].Name)
+		}
+		res.hello[mode] = h
+	}
+	return nil
 }
 
 // useZtunnel makes the ztunnels run m's binary, restarting both when they run the other
