@@ -17,8 +17,12 @@ import (
 // facts describes the machine and the run for the report.
 type facts struct {
 	date, kernel, cpu, goVersion, command string
-	cpus                                  int
-	tools                                 map[string]string
+	// congestion is the TCP congestion control new network namespaces start with, so
+	// every socket in the lab uses it. It matters: on veth paths BBR measures a minimum
+	// RTT of a few microseconds and keeps a tunnel's congestion window small.
+	congestion string
+	cpus       int
+	tools      map[string]string
 }
 
 func machineFacts(start time.Time, t tools) facts {
@@ -32,6 +36,10 @@ func machineFacts(start time.Time, t tools) facts {
 	var u unix.Utsname
 	if unix.Uname(&u) == nil {
 		f.kernel = unix.ByteSliceToString(u.Sysname[:]) + " " + unix.ByteSliceToString(u.Release[:])
+	}
+	f.congestion = "unknown"
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control"); err == nil {
+		f.congestion = strings.TrimSpace(string(b))
 	}
 	f.cpu = "unknown"
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
@@ -167,6 +175,7 @@ func (b *bench) report(r *results, f facts) string {
 	p("| | |\n|---|---|\n")
 	p("| date | %s |\n", f.date)
 	p("| kernel | %s |\n", f.kernel)
+	p("| TCP congestion control | %s (the machine's default, which the lab's namespaces inherit) |\n", f.congestion)
 	p("| CPU | %d × %s |\n", f.cpus, f.cpu)
 	p("| Go | %s |\n", f.goVersion)
 	p("| tools | %s; %s; %s; %s |\n", f.tools["iperf3"], f.tools["stunnel"], f.tools["haproxy"], f.tools["fortio"])

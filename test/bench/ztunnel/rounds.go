@@ -202,10 +202,8 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 	if ref == nil {
 		return nil
 	}
-	if err := b.useZtunnel(ctx, ref); err != nil {
-		return err
-	}
-	err = b.recordHellos(res, map[string]helloKey{ref.key: keys["sluice"]}, func() error { return b.probe(ctx, ref) })
+	// Switching restarts both ztunnels and sends a first connection through the new ones.
+	err = b.recordHellos(res, map[string]helloKey{ref.key: keys["sluice"]}, func() error { return b.useZtunnel(ctx, ref) })
 	if err != nil {
 		return err
 	}

@@ -85,7 +85,7 @@ func parseServerHello(b []byte) (serverHello, error) {
 	return h, nil
 }
 
-// sniffer records the first TCP payload each server endpoint of interest sends, on one
+// sniffer records the first ServerHello each server endpoint of interest sends, on one
 // interface of a namespace (AF_PACKET).
 type sniffer struct {
 	fd    int
@@ -141,8 +141,8 @@ func (s *sniffer) run() {
 	}
 }
 
-// frame keeps the TCP payload of an Ethernet/IPv4 frame if it is the first from a wanted
-// endpoint.
+// frame keeps the TCP payload of an Ethernet/IPv4 frame if it is the first ServerHello
+// from a wanted endpoint.
 func (s *sniffer) frame(f []byte) {
 	if len(f) < 14+20 || binary.BigEndian.Uint16(f[12:]) != unix.ETH_P_IP {
 		return
@@ -159,10 +159,16 @@ func (s *sniffer) frame(f []byte) {
 	if !s.want[src] || len(tcp) <= off {
 		return
 	}
+	payload := tcp[off:]
+	// Only a segment that opens with a ServerHello: a connection of an earlier process
+	// may still be closing from the same endpoint.
+	if len(payload) < 6 || payload[0] != 22 || payload[5] != 2 {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if _, seen := s.first[src]; !seen {
-		s.first[src] = append([]byte(nil), tcp[off:]...)
+		s.first[src] = append([]byte(nil), payload...)
 	}
 }
 
