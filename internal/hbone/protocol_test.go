@@ -236,9 +236,9 @@ func TestProtocolErrors(t *testing.T) {
 			rc.expectRST(1, http2.ErrCodeFlowControl)
 			rc.alive()
 		}},
-		{name: "connection flow control violated", run: func(rc *rawClient) {
-			// The client never saw our connection WINDOW_UPDATE in this
-			// story: send beyond the 4 MiB we granted.
+		{name: "connection flow control violated", srv: Server{ConnWindow: 4 << 20}, run: func(rc *rawClient) {
+			// Two streams, each within its 4 MiB window, together beyond the
+			// connection's 4 MiB.
 			rc.connect(1)
 			rc.connect(3)
 			chunk := make([]byte, 16384)

@@ -135,10 +135,9 @@ func TestSendToDeliversInOrder(t *testing.T) {
 	}
 }
 
-// A destination that does not read holds up only its own stream while the connection's
-// window has room beyond that stream's window: the reader goroutine never blocks on it.
-// (With the connection window no larger than the stream window, Istio's defaults, the
-// stalled stream takes all of it: see the comment at the top of sink.go.)
+// A destination that does not read holds up only its own stream: with the default windows
+// (the connection's four times a stream's) the stalled stream fills its own window and
+// the connection's other streams go on. The reader goroutine never blocks on it.
 func TestSendToStalledDestinationDoesNotStallOthers(t *testing.T) {
 	ts := startServer(t, &Server{Handler: func(ctx context.Context, req *Request, s *Stream) {
 		s.Respond(200)
@@ -147,8 +146,8 @@ func TestSendToStalledDestinationDoesNotStallOthers(t *testing.T) {
 		s.CloseWrite()
 		<-ctx.Done()
 	}}, nil)
-	cc := ts.dial(t, ClientOptions{StreamWindow: 1 << 20, ConnWindow: 4 << 20})
-	stuck, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:3000000"})
+	cc := ts.dial(t, ClientOptions{})
+	stuck, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:6000000"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -156,7 +155,7 @@ func TestSendToStalledDestinationDoesNotStallOthers(t *testing.T) {
 	near, _ := tcpPair(t, 16<<10) // never read
 	sendTo(t, stuck, near)
 
-	s, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:4000000"})
+	s, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:8000000"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,8 +168,8 @@ func TestSendToStalledDestinationDoesNotStallOthers(t *testing.T) {
 		t.Fatalf("second stream: %v", err)
 	}
 	n2.CloseWrite()
-	if b := <-got; !bytes.Equal(b, pattern(4000000, 4000000)) {
-		t.Fatalf("second stream delivered %d bytes while the first was stuck, want its own 4000000", len(b))
+	if b := <-got; !bytes.Equal(b, pattern(8000000, 8000000)) {
+		t.Fatalf("second stream delivered %d bytes while the first was stuck, want its own 8000000", len(b))
 	}
 }
 
