@@ -15,6 +15,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"os/signal"
+	"regexp"
 	"runtime"
 	"strconv"
 	"sync/atomic"
@@ -80,8 +81,7 @@ func run() error {
 		return err
 	}
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg := newRegistry()
 	store := &state.Store{}
 	ids := &identity.Manager{Signer: identity.LocalSigner{CA: authority, TTL: *certTTL}, Logger: log.With("component", "identity")}
 	ids.SetRoots(authority.TrustDomain(), authority.Roots())
@@ -194,4 +194,15 @@ func serve(ctx context.Context, addr string, h http.Handler) error {
 		return err
 	}
 	return nil
+}
+
+// newRegistry holds ztunnel's metrics, with the Go runtime's and the process's.
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+		// How long runnable goroutines waited for a worker: with one or two workers per
+		// node, the first place to look when proxied latency grows.
+		collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/sched/latencies:seconds$`)},
+	)), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -58,5 +59,22 @@ func TestAdminEndpoints(t *testing.T) {
 	ready.Store(true)
 	if rec := get(rmux, "/healthz/ready"); rec.Code != 200 {
 		t.Errorf("ready after config: %d", rec.Code)
+	}
+}
+
+// Operators read the Go scheduler's latency next to the proxied latency.
+func TestRegistryHasSchedulerLatency(t *testing.T) {
+	mfs, err := newRegistry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, mf := range mfs {
+		names = append(names, mf.GetName())
+	}
+	for _, want := range []string{"go_sched_latencies_seconds", "go_goroutines", "process_resident_memory_bytes"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("metric %s missing from %v", want, names)
+		}
 	}
 }
