@@ -2,19 +2,17 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
-	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
-	"sigs.k8s.io/yaml"
+
+	"github.com/sluicemesh/sluice/internal/manifest"
 )
 
 // LocalSource reads Pod and Namespace manifests from a directory tree (the local lab's
@@ -103,38 +101,17 @@ func (s *LocalSource) Run(ctx context.Context, changed func(key string)) error {
 func (s *LocalSource) scan(changed func(string)) error {
 	pods := map[string]*corev1.Pod{}
 	nss := map[string]*corev1.Namespace{}
-	var errs []error
-	err := filepath.WalkDir(s.Dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if d.IsDir() || !(strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml") || strings.HasSuffix(path, ".json")) {
-			return nil
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil // removed while we walked
-			}
-			errs = append(errs, err)
-			return nil
-		}
-		var meta struct {
-			Kind string `json:"kind"`
-		}
-		if err := yaml.Unmarshal(b, &meta); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", path, err))
-			return nil
-		}
-		switch meta.Kind {
+	docs, errs, err := manifest.ReadDir(s.Dir)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, d := range docs {
+		switch d.Kind {
 		case "Pod":
 			var p corev1.Pod
-			if err := yaml.Unmarshal(b, &p); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", path, err))
-				return nil
+			if err := json.Unmarshal(d.JSON, &p); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", d.Where, err))
+				continue
 			}
 			if p.Namespace == "" {
 				p.Namespace = "default"
@@ -144,16 +121,12 @@ func (s *LocalSource) scan(changed func(string)) error {
 			}
 		case "Namespace":
 			var n corev1.Namespace
-			if err := yaml.Unmarshal(b, &n); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", path, err))
-				return nil
+			if err := json.Unmarshal(d.JSON, &n); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", d.Where, err))
+				continue
 			}
 			nss[n.Name] = &n
 		}
-		return nil
-	})
-	if err != nil {
-		errs = append(errs, err)
 	}
 
 	s.mu.Lock()

@@ -115,3 +115,27 @@ func TestLocalSourceReportsChanges(t *testing.T) {
 		t.Error("deleted pod still returned")
 	}
 }
+
+// A multi-document file is read whole, as ztunnel reads it: a pod in its second document
+// is captured like one in a file of its own.
+func TestLocalSourceReadsMultiDocumentFiles(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "all.yaml"), []byte(`apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: cart, namespace: shop, uid: u-cart}
+spec: {nodeName: n1}
+`), 0o644)
+	s := &LocalSource{Dir: dir, NodeName: "n1"}
+	if err := s.scan(func(string) {}); err != nil {
+		t.Fatal(err)
+	}
+	pod, ok := s.Pod("shop/cart")
+	ns, _ := s.Namespace("shop")
+	if !ok || !InMesh(pod, ns) {
+		t.Fatalf("pod from the second document: %v in mesh %v", ok, ok && InMesh(pod, ns))
+	}
+}

@@ -11,6 +11,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/sluicemesh/sluice/internal/manifest"
 	"github.com/sluicemesh/sluice/ztunnel/policy"
 )
 
@@ -113,7 +114,7 @@ func WatchLocalConfig(ctx context.Context, path string, store *Store, log *slog.
 		}
 		stamp := fmt.Sprintf("%d:%d", st.Size(), st.ModTime().UnixNano())
 		if st.IsDir() {
-			if stamp, err = dirStamp(path); err != nil {
+			if stamp, err = manifest.Stamp(path); err != nil {
 				return err
 			}
 		}

@@ -1,18 +1,12 @@
 package state
 
 import (
-	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"io/fs"
 	"net/netip"
-	"os"
-	"path/filepath"
-	"sort"
-	"strings"
 
-	"sigs.k8s.io/yaml"
-
+	"github.com/sluicemesh/sluice/internal/manifest"
 	"github.com/sluicemesh/sluice/internal/workload"
 	"github.com/sluicemesh/sluice/ztunnel/policy"
 )
@@ -23,7 +17,12 @@ import (
 // stand-in for the controller: the same objects a cluster would have, converted the way
 // the controller will. Other kinds are ignored.
 func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
-	docs, err := readDocs(dir)
+	docs, errs, err := manifest.ReadDir(dir)
+	if err == nil && len(errs) > 0 {
+		// A file that does not parse might be a DENY policy: applying the rest without
+		// it could open what it closes, so the directory waits until it is fixed.
+		err = errors.Join(errs...)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -36,36 +35,30 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 		warnings []error
 	)
 	for _, d := range docs {
-		var meta struct {
-			Kind string `json:"kind"`
-		}
-		if err := json.Unmarshal(d.json, &meta); err != nil {
-			return nil, nil, fmt.Errorf("%s: %w", d.where, err)
-		}
-		switch meta.Kind {
+		switch d.Kind {
 		case "Pod":
 			var p kubePod
-			if err := json.Unmarshal(d.json, &p); err != nil {
-				warnings = append(warnings, fmt.Errorf("%s: Pod ignored: %w", d.where, err))
+			if err := json.Unmarshal(d.JSON, &p); err != nil {
+				warnings = append(warnings, fmt.Errorf("%s: Pod ignored: %w", d.Where, err))
 				continue
 			}
 			pods = append(pods, &p)
 		case "Namespace":
 			var n kubeNamespace
-			if err := json.Unmarshal(d.json, &n); err != nil {
-				warnings = append(warnings, fmt.Errorf("%s: Namespace ignored: %w", d.where, err))
+			if err := json.Unmarshal(d.JSON, &n); err != nil {
+				warnings = append(warnings, fmt.Errorf("%s: Namespace ignored: %w", d.Where, err))
 				continue
 			}
 			nss[n.Name] = &n
 		case "Service":
 			var s kubeService
-			if err := json.Unmarshal(d.json, &s); err != nil {
-				warnings = append(warnings, fmt.Errorf("%s: Service ignored: %w", d.where, err))
+			if err := json.Unmarshal(d.JSON, &s); err != nil {
+				warnings = append(warnings, fmt.Errorf("%s: Service ignored: %w", d.Where, err))
 				continue
 			}
 			svcs = append(svcs, &s)
 		case "AuthorizationPolicy", "PeerAuthentication":
-			if err := addPolicy(meta.Kind, d.json, d.where, &authz, &peer); err != nil {
+			if err := addPolicy(d.Kind, d.JSON, d.Where, &authz, &peer); err != nil {
 				return nil, nil, err
 			}
 		}
@@ -165,82 +158,4 @@ func servicesFromKube(svcs []*kubeService) ([]*Service, []error) {
 		out = append(out, svc)
 	}
 	return out, errs
-}
-
-type doc struct {
-	where string
-	json  []byte
-}
-
-func readDocs(dir string) ([]doc, error) {
-	var docs []doc
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() || !isManifest(path) {
-			return nil
-		}
-		b, err := os.ReadFile(path)
-		if err != nil {
-			return err
-		}
-		for i, part := range splitYAML(b) {
-			if len(bytes.TrimSpace(part)) == 0 {
-				continue
-			}
-			j, err := yaml.YAMLToJSON(part)
-			if err != nil {
-				return fmt.Errorf("%s (document %d): %w", path, i+1, err)
-			}
-			if string(j) == "null" {
-				continue
-			}
-			docs = append(docs, doc{where: fmt.Sprintf("%s#%d", path, i+1), json: j})
-		}
-		return nil
-	})
-	return docs, err
-}
-
-func isManifest(path string) bool {
-	return strings.HasSuffix(path, ".yaml") || strings.HasSuffix(path, ".yml") || strings.HasSuffix(path, ".json")
-}
-
-// splitYAML splits a multi-document YAML file at its "---" lines.
-func splitYAML(b []byte) [][]byte {
-	var (
-		out [][]byte
-		cur []byte
-	)
-	for _, line := range bytes.SplitAfter(b, []byte("\n")) {
-		if t := bytes.TrimSpace(line); bytes.Equal(t, []byte("---")) {
-			out = append(out, cur)
-			cur = nil
-			continue
-		}
-		cur = append(cur, line...)
-	}
-	return append(out, cur)
-}
-
-// dirStamp summarizes a directory's manifests (names, sizes, times) to notice changes.
-func dirStamp(dir string) (string, error) {
-	var parts []string
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if d.IsDir() || !isManifest(path) {
-			return nil
-		}
-		info, err := d.Info()
-		if err != nil {
-			return nil
-		}
-		parts = append(parts, fmt.Sprintf("%s:%d:%d", path, info.Size(), info.ModTime().UnixNano()))
-		return nil
-	})
-	sort.Strings(parts)
-	return strings.Join(parts, "|"), err
 }
