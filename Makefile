@@ -56,6 +56,7 @@ bench-ztunnel: deps
 
 demo: deps build
 	$(BIN)/sluicectl lab demo
+	$(BIN)/sluicectl lab mesh-demo
 
 # lab brings up a two-node lab with node agents and leaves it running.
 lab: deps build
@@ -64,6 +65,7 @@ lab: deps build
 lab-down:
 	-$(BIN)/sluicectl lab down
 	-$(BIN)/sluicectl lab down --name demo
+	-$(BIN)/sluicectl lab down --name meshdemo
 
 clean:
 	rm -rf $(BIN)

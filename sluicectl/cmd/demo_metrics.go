@@ -4,6 +4,7 @@ package cmd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -24,32 +25,41 @@ type sample struct {
 	value  float64
 }
 
-// scrapeAgent reads node n's agent metrics. The agent listens on loopback inside the
-// node's netns, so the connection is made there; http.Transport dials on goroutines of
-// its own, hence the dial function rather than Node.Do around http.Get.
+// scrapeAgent reads node n's agent metrics.
 func scrapeAgent(ctx context.Context, n lab.Node) ([]sample, error) {
+	body, err := getInNode(ctx, n, agentMetricsAddr, "/metrics")
+	if err != nil {
+		return nil, fmt.Errorf("scrape the agent on %s: %w (see %s)", n.Name, err, pathsOf(n).agentLog)
+	}
+	return parseMetrics(bytes.NewReader(body))
+}
+
+// getInNode fetches http://addr+path from inside node n's network namespace, where the
+// agent's and ztunnel's loopback listeners are. http.Transport dials on goroutines of its
+// own, hence the dial function rather than Node.Do around http.Get.
+func getInNode(ctx context.Context, n lab.Node, addr, path string) ([]byte, error) {
 	tr := &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			return n.Dial(ctx, "tcp", agentMetricsAddr)
+			return n.Dial(ctx, "tcp", addr)
 		},
 		DisableKeepAlives: true,
 	}
 	defer tr.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+agentMetricsAddr+"/metrics", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
 	if err != nil {
 		return nil, err
 	}
 	resp, err := (&http.Client{Transport: tr}).Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("scrape the agent on %s at %s: %w (see %s)", n.Name, agentMetricsAddr, err, pathsOf(n).agentLog)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("scrape the agent on %s: %s", n.Name, resp.Status)
+		return nil, fmt.Errorf("GET %s%s on %s: %s", addr, path, n.Name, resp.Status)
 	}
-	return parseMetrics(resp.Body)
+	return io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 }
 
 // parseMetrics reads the text format well enough for the agent's own metrics: no

@@ -36,7 +36,7 @@ func needRoot(t *testing.T) {
 func buildSluice(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
-	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/sluicemesh/sluice/cni/cmd/...", "github.com/sluicemesh/sluice/sluicectl")
+	cmd := exec.Command("go", "build", "-o", dir+"/", "github.com/sluicemesh/sluice/cni/cmd/...", "github.com/sluicemesh/sluice/ztunnel/cmd/ztunnel", "github.com/sluicemesh/sluice/sluicectl")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
@@ -76,6 +76,31 @@ func TestDemo(t *testing.T) {
 	for _, want := range []string{"outbound by :15001 in demo/app-0-0", "inbound  by :15006 in demo/app-1-0", "original destination 10.96.0.10:80"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	assertLabGone(t, name)
+}
+
+// TestMeshDemo runs `sluicectl lab mesh-demo`: the real ztunnels carry a connection
+// over HBONE with both identities, a DENY policy refuses it and its removal lets it
+// through again.
+func TestMeshDemo(t *testing.T) {
+	needRoot(t)
+	bin := buildSluice(t)
+	const name = "meshdemotest"
+	t.Cleanup(func() { labDown(context.Background(), lab.Config{Name: name}) })
+	var out bytes.Buffer
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	err := RunMeshDemo(ctx, MeshDemoOptions{Name: name, SluiceBinDir: bin, Out: &out})
+	t.Logf("mesh demo output:\n%s", out.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"protocol      HBONE", "src.identity  spiffe://cluster.local/ns/demo/sa/default",
+		"outcome       denied", "the connection goes through again", `connection_security_policy="mutual_tls"`} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("mesh demo output lacks %q", want)
 		}
 	}
 	assertLabGone(t, name)

@@ -44,7 +44,7 @@ new shell, and "lab down" also clears what a crashed run left.`,
 	c.PersistentFlags().StringVar(&o.name, "name", lab.DefaultName, "lab name (lowercase letters and digits)")
 	c.PersistentFlags().StringVar(&o.stateDir, "state-dir", "", "state directory (default /run/sluice-lab/<name>)")
 	c.AddCommand(newLabUpCommand(o), newLabDownCommand(o), newLabStatusCommand(o), newLabExecCommand(o), newLabPluginsCommand(o),
-		newLabDemoCommand(o), newLabPassthroughCommand(o))
+		newLabDemoCommand(o), newLabMeshDemoCommand(o), newLabPassthroughCommand(o))
 	return c
 }
 
