@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"sync"
 	"time"
@@ -97,12 +98,14 @@ func (s *LocalSource) Run(ctx context.Context, changed func(key string)) error {
 }
 
 // scan reads the directory and reports what changed since the last scan. A file that does
-// not parse is reported and skipped; it never hides the other objects.
+// not parse is reported and skipped; it never hides the other objects. While any file
+// fails (or vanished mid-scan), nothing is removed: a pod whose manifest or namespace
+// cannot be read right now stays as it was rather than leaving the mesh.
 func (s *LocalSource) scan(changed func(string)) error {
 	pods := map[string]*corev1.Pod{}
 	nss := map[string]*corev1.Namespace{}
 	docs, errs, err := manifest.ReadDir(s.Dir)
-	if err != nil {
+	if err != nil && !errors.Is(err, fs.ErrNotExist) { // no directory yet: nothing in it
 		errs = append(errs, err)
 	}
 	for _, d := range docs {
@@ -131,6 +134,18 @@ func (s *LocalSource) scan(changed func(string)) error {
 
 	s.mu.Lock()
 	oldPods, oldNss := s.pods, s.nss
+	if len(errs) > 0 {
+		for key, p := range oldPods {
+			if _, ok := pods[key]; !ok {
+				pods[key] = p
+			}
+		}
+		for name, n := range oldNss {
+			if _, ok := nss[name]; !ok {
+				nss[name] = n
+			}
+		}
+	}
 	s.pods, s.nss, s.synced = pods, nss, true
 	s.mu.Unlock()
 
@@ -145,5 +160,11 @@ func (s *LocalSource) scan(changed func(string)) error {
 			changed(key)
 		}
 	}
-	return errors.Join(errs...)
+	var report []error
+	for _, err := range errs {
+		if !errors.Is(err, fs.ErrNotExist) { // removed while we read: the next scan sees it
+			report = append(report, err)
+		}
+	}
+	return errors.Join(report...)
 }

@@ -139,3 +139,26 @@ spec: {nodeName: n1}
 		t.Fatalf("pod from the second document: %v in mesh %v", ok, ok && InMesh(pod, ns))
 	}
 }
+
+// While a namespace's manifest does not parse, its pods stay in the mesh: a typo must not
+// take them out of capture.
+func TestLocalSourceKeepsObjectsWhileAFileFails(t *testing.T) {
+	dir := t.TempDir()
+	nsFile := filepath.Join(dir, "ns.yaml")
+	os.WriteFile(nsFile, []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n"), 0o644)
+	os.WriteFile(filepath.Join(dir, "pod.yaml"), []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: cart, namespace: shop}\nspec: {nodeName: n1}\n"), 0o644)
+	s := &LocalSource{Dir: dir, NodeName: "n1"}
+	if err := s.scan(func(string) {}); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(nsFile, []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: [broken\n"), 0o644)
+	var changed []string
+	if err := s.scan(func(k string) { changed = append(changed, k) }); err == nil {
+		t.Error("the broken namespace file was not reported")
+	}
+	pod, _ := s.Pod("shop/cart")
+	ns, _ := s.Namespace("shop")
+	if !InMesh(pod, ns) || len(changed) != 0 {
+		t.Errorf("in mesh %v, changes %v: want the pod kept in the mesh, unchanged", InMesh(pod, ns), changed)
+	}
+}

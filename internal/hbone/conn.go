@@ -17,15 +17,14 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// Defaults are those of Istio's ztunnel and its Envoy HBONE listener, except the
-// connection window: Istio's equals the stream window, so streams sharing a connection
-// share one stream's worth of data in flight, and a single destination that stops
-// reading takes all of it and stalls the rest. Four times the stream window lets four
-// streams run at full window (ztunnel's own iperf3 -P 4 waited on the window most of
-// the time at 4 MiB), and a stalled stream holds at most a quarter. A receiver chooses
-// its own windows, so this changes nothing on the wire for an Istio peer. The cost is
-// memory only when destinations stop reading: a connection then holds up to 16 MiB for
-// them instead of 4, and never more than 4 MiB for any one.
+// Defaults are those of Istio's ztunnel and its Envoy HBONE listener. The connection
+// window is four stream windows, as in current ztunnel releases (early ones advertised
+// 4 MiB for both): with equal windows the streams of a connection share one stream's
+// worth of data in flight, and one destination that stops reading takes all of it and
+// stalls the rest. Four lets four streams run at full window (ztunnel's own iperf3 -P 4
+// waited on the window most of the time at 4 MiB) and a stalled stream holds at most a
+// quarter. The cost is memory only when destinations stop reading: a connection then
+// holds up to 16 MiB for them, and never more than 4 MiB for any one.
 const (
 	defaultStreamWindow         = 4 << 20
 	defaultConnWindow           = 16 << 20

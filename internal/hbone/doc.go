@@ -14,9 +14,9 @@
 //     goes back to a pool whenever it has been flushed. An idle stream costs a few
 //     hundred bytes (see BenchmarkIdleStreamMemory).
 //   - Control. Flow control, keepalive, limits and error handling follow RFC 9113
-//     with the settings Istio's ztunnel uses (4 MiB stream windows, 1 MiB frames,
-//     16 KiB header lists, 100 concurrent streams, PING every 10 s with a 20 s
-//     timeout) but a 16 MiB connection window (see defaultConnWindow),
+//     with the settings Istio's ztunnel uses (4 MiB stream and 16 MiB connection
+//     windows, 1 MiB frames, 16 KiB header lists, 100 concurrent streams, PING every
+//     10 s with a 20 s timeout),
 //     and a hostile peer cannot make it allocate without bound.
 //
 // The engine handles CONNECT only. A ClientConn opens streams on one connection,

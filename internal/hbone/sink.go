@@ -16,10 +16,9 @@ import (
 // start, to write what is queued as the socket drains; it ends when the queue is empty.
 // The reader itself never blocks on a destination. A destination that does not read
 // holds back at most its stream's window of the connection's window, as unread data
-// does with Read. Our default connection window is four stream windows, so that takes a
-// quarter of it; with windows of equal size (Istio's ztunnel advertises 4 MiB for both)
-// one stalled destination would stall the connection's other streams until it reads or
-// is closed.
+// does with Read. The default connection window is four stream windows, so that takes a
+// quarter of it; with windows of equal size one stalled destination would stall the
+// connection's other streams until it reads or is closed.
 //
 // The destination must be a non-blocking socket (a *net.TCPConn is): the reader writes
 // to it with raw system calls (package rawio), which also means the race detector does

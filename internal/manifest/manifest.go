@@ -1,8 +1,9 @@
 // Package manifest reads a directory of Kubernetes manifests the way `kubectl apply -R -f`
-// does: every *.yaml, *.yml and *.json file below it, multi-document YAML split at its
-// "---" lines. The node agent and ztunnel both read the local lab's registry (or any
-// such directory) with it, so they agree on what the directory holds; each decodes the
-// kinds it needs from the documents' JSON.
+// does: every *.yaml, *.yml and *.json file below it, multi-document YAML split at lines
+// that start with "---" (a comment may follow), and the items of a List (what `kubectl
+// get -o yaml` writes) as objects of their own. The node agent and ztunnel both read the
+// local lab's registry (or any such directory) with it, so they agree on what the
+// directory holds; each decodes the kinds it needs from the documents' JSON.
 package manifest
 
 import (
@@ -31,13 +32,15 @@ type Doc struct {
 
 // ReadDir returns the documents of every manifest below dir, in path order. A file or
 // document that cannot be read or parsed is reported in errs and skipped: it never hides
-// the others. A directory that does not exist holds nothing; other errors walking it
-// end the read (err).
+// the others. A file removed while the directory is read is reported too, as an error
+// matching fs.ErrNotExist, and so is a missing dir (err); a caller that must not act on
+// a partial view (ztunnel, whose policies live there) refuses the read on any error.
 func ReadDir(dir string) (docs []Doc, errs []error, err error) {
 	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
-			if errors.Is(err, fs.ErrNotExist) {
-				return nil // the directory, or a file removed while we walked
+			if path != dir && errors.Is(err, fs.ErrNotExist) {
+				errs = append(errs, err) // removed while we walked
+				return nil
 			}
 			return err
 		}
@@ -46,36 +49,62 @@ func ReadDir(dir string) (docs []Doc, errs []error, err error) {
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {
-			if !errors.Is(err, fs.ErrNotExist) {
-				errs = append(errs, err)
-			}
+			errs = append(errs, err)
 			return nil
 		}
-		for i, part := range splitDocuments(b) {
-			if len(bytes.TrimSpace(part)) == 0 {
-				continue
-			}
-			where := fmt.Sprintf("%s#%d", path, i+1)
-			j, err := yaml.YAMLToJSON(part)
+		parts, err := splitDocuments(b)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", path, err))
+			return nil
+		}
+		for i, part := range parts {
+			fileDocs, err := parseDocument(fmt.Sprintf("%s#%d", path, i+1), part)
 			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", where, err))
+				errs = append(errs, err)
 				continue
 			}
-			if string(j) == "null" {
-				continue // only comments
-			}
-			var meta struct {
-				Kind string `json:"kind"`
-			}
-			if err := json.Unmarshal(j, &meta); err != nil {
-				errs = append(errs, fmt.Errorf("%s: not an object: %w", where, err))
-				continue
-			}
-			docs = append(docs, Doc{Where: where, Kind: meta.Kind, JSON: j})
+			docs = append(docs, fileDocs...)
 		}
 		return nil
 	})
 	return docs, errs, err
+}
+
+// parseDocument converts one YAML document to JSON: nothing for an empty one, each item
+// for a List.
+func parseDocument(where string, part []byte) ([]Doc, error) {
+	if len(bytes.TrimSpace(part)) == 0 {
+		return nil, nil
+	}
+	j, err := yaml.YAMLToJSON(part)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", where, err)
+	}
+	if string(j) == "null" {
+		return nil, nil // only comments
+	}
+	var head struct {
+		Kind  string            `json:"kind"`
+		Items []json.RawMessage `json:"items"`
+	}
+	if err := json.Unmarshal(j, &head); err != nil {
+		return nil, fmt.Errorf("%s: not an object: %w", where, err)
+	}
+	if !strings.HasSuffix(head.Kind, "List") {
+		return []Doc{{Where: where, Kind: head.Kind, JSON: j}}, nil
+	}
+	var out []Doc
+	for i, item := range head.Items {
+		itemWhere := fmt.Sprintf("%s items[%d]", where, i)
+		var meta struct {
+			Kind string `json:"kind"`
+		}
+		if err := json.Unmarshal(item, &meta); err != nil {
+			return nil, fmt.Errorf("%s: not an object: %w", itemWhere, err)
+		}
+		out = append(out, Doc{Where: itemWhere, Kind: meta.Kind, JSON: item})
+	}
+	return out, nil
 }
 
 // IsManifest reports whether path names a file ReadDir reads.
@@ -105,19 +134,26 @@ func Stamp(dir string) (string, error) {
 	return strings.Join(parts, "|"), err
 }
 
-// splitDocuments splits a multi-document YAML file at its "---" lines.
-func splitDocuments(b []byte) [][]byte {
+// splitDocuments splits a multi-document YAML file where kubectl does: at lines that
+// start with "---", which only a comment may follow. A "---" further in is content (a
+// block scalar's text, say), and anything but a comment after a separator is an error,
+// as it is for kubectl.
+func splitDocuments(b []byte) ([][]byte, error) {
 	var (
 		out [][]byte
 		cur []byte
 	)
-	for _, line := range bytes.SplitAfter(b, []byte("\n")) {
-		if t := bytes.TrimSpace(line); bytes.Equal(t, []byte("---")) {
+	for n, line := range bytes.SplitAfter(b, []byte("\n")) {
+		if rest, ok := bytes.CutPrefix(line, []byte("---")); ok {
+			rest = bytes.TrimSpace(rest)
+			if len(rest) > 0 && rest[0] != '#' {
+				return nil, fmt.Errorf("line %d: %q after the document separator; put it on a line of its own", n+1, rest)
+			}
 			out = append(out, cur)
 			cur = nil
 			continue
 		}
 		cur = append(cur, line...)
 	}
-	return append(out, cur)
+	return append(out, cur), nil
 }

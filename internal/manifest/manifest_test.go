@@ -1,6 +1,8 @@
 package manifest
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -39,8 +41,64 @@ func TestReadDir(t *testing.T) {
 		t.Errorf("errors %v, want c.yml#1 and d.yaml#1 named", errs)
 	}
 
-	if docs, errs, err := ReadDir(filepath.Join(dir, "missing")); len(docs)+len(errs) != 0 || err != nil {
-		t.Errorf("a missing directory: %v %v %v, want nothing", docs, errs, err)
+	if docs, _, err := ReadDir(filepath.Join(dir, "missing")); len(docs) != 0 || !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a missing directory: %v, %v; want no documents and an error matching fs.ErrNotExist", docs, err)
+	}
+}
+
+// Documents split where kubectl splits them: a comment may follow the separator, a
+// "---" inside a block scalar is text, and anything else after a separator is an error,
+// never a document silently dropped.
+func TestReadDirSeparators(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "a.yaml"), []byte(`kind: ConfigMap
+metadata: {name: embedded}
+data:
+  inner.yaml: |
+    kind: Pod
+    ---
+    kind: Pod
+--- # the policies
+kind: AuthorizationPolicy
+metadata: {name: deny}
+`), 0o644)
+	os.WriteFile(filepath.Join(dir, "b.yaml"), []byte("kind: Pod\n--- kind: Service\n"), 0o644)
+	docs, errs, err := ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, d := range docs {
+		kinds = append(kinds, d.Kind)
+	}
+	if strings.Join(kinds, " ") != "ConfigMap AuthorizationPolicy" {
+		t.Errorf("kinds %v, want the ConfigMap (whole) and the policy after the commented separator", kinds)
+	}
+	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "b.yaml: line 2") {
+		t.Errorf("errors %v, want b.yaml's line 2 named", errs)
+	}
+}
+
+// A List, as `kubectl get -o yaml` writes it, is its items.
+func TestReadDirExpandsLists(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "export.yaml"), []byte(`apiVersion: v1
+kind: List
+items:
+- apiVersion: security.istio.io/v1
+  kind: AuthorizationPolicy
+  metadata: {name: a, namespace: x}
+- apiVersion: v1
+  kind: Namespace
+  metadata: {name: x}
+`), 0o644)
+	docs, errs, err := ReadDir(dir)
+	if err != nil || len(errs) != 0 {
+		t.Fatal(err, errs)
+	}
+	if len(docs) != 2 || docs[0].Kind != "AuthorizationPolicy" || docs[1].Kind != "Namespace" ||
+		!strings.HasSuffix(docs[1].Where, "export.yaml#1 items[1]") || !strings.Contains(string(docs[0].JSON), `"name":"a"`) {
+		t.Errorf("docs %+v, want the list's two items", docs)
 	}
 }
 

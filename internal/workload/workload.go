@@ -4,7 +4,7 @@
 //
 // The rules read a Pod, a plain struct rather than corev1.Pod: ztunnel reads manifests
 // without k8s.io/api, whose generated code and package initialisation cost each ztunnel
-// about 4 MB of resident memory. Components that watch the API server convert with
+// 2.5 MB of resident memory. Components that watch the API server convert with
 // internal/kubeworkload.
 package workload
 

@@ -144,7 +144,7 @@ func servicesFromKube(svcs []*kubeService) ([]*Service, []error) {
 				continue
 			}
 			if p.Port < 1 || p.Port > 65535 || p.TargetPort.Number < 0 || p.TargetPort.Number > 65535 {
-				errs = append(errs, fmt.Errorf("service %s/%s: port %d (targetPort %d) ignored: spec.ports[].port and targetPort must be between 1 and 65535", ns, s.Name, p.Port, p.TargetPort.Number))
+				errs = append(errs, fmt.Errorf("service %s/%s: port %d (targetPort %d) ignored: spec.ports[].port must be between 1 and 65535, and a numeric targetPort too (0 or none means the port)", ns, s.Name, p.Port, p.TargetPort.Number))
 				continue
 			}
 			sp := ServicePort{Name: p.Name, Port: uint16(p.Port), TargetPort: uint16(p.Port)}

@@ -182,3 +182,17 @@ spec: {clusterIP: None, ports: [{port: 80}]}
 		t.Errorf("services %v: the headless one has no address to capture", snap.Services())
 	}
 }
+
+// A file ztunnel cannot read might hold a DENY policy: the whole directory is refused
+// (the running config stays) rather than applied without it. So is a missing directory.
+func TestParseDirRefusesWhatItCannotRead(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "ok.yaml"), []byte(policies), 0o644)
+	os.WriteFile(filepath.Join(dir, "deny.yaml"), []byte("kind: AuthorizationPolicy\nmetadata: {name: deny, namespace: shop\nspec: {action: DENY}\n"), 0o644)
+	if _, _, err := ParseDir(1, dir); err == nil || !strings.Contains(err.Error(), "deny.yaml#1") {
+		t.Errorf("ParseDir with an unreadable policy file: err %v, want one naming deny.yaml#1", err)
+	}
+	if _, _, err := ParseDir(1, filepath.Join(dir, "missing")); err == nil {
+		t.Error("ParseDir of a missing directory gave a config")
+	}
+}

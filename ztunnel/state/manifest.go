@@ -9,8 +9,9 @@ import (
 
 // The fields of Kubernetes objects that local mode reads, under the API's JSON names.
 // Decoding into these rather than k8s.io/api's types keeps that module's generated code
-// and package initialisation, about 4 MB of resident memory, out of every ztunnel; the
-// API's JSON is stable, and fields local mode does not read are ignored either way.
+// and package initialisation out of every ztunnel (2.5 MB of its resident memory at
+// start, 17.0 -> 14.5 MB, and 7 MB of its binary); the API's JSON is stable, and fields
+// local mode does not read are ignored either way.
 
 type kubeMeta struct {
 	Name            string            `json:"name"`

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -75,6 +76,20 @@ func TestRegistryHasSchedulerLatency(t *testing.T) {
 	for _, want := range []string{"go_sched_latencies_seconds", "go_goroutines", "process_resident_memory_bytes"} {
 		if !slices.Contains(names, want) {
 			t.Errorf("metric %s missing from %v", want, names)
+		}
+	}
+}
+
+// ztunnel reads manifests without k8s.io/api (see ztunnel/state/manifest.go): linking it
+// again would cost every node 2.5 MB of resident memory and 7 MB of binary.
+func TestNoKubernetesAPITypes(t *testing.T) {
+	out, err := exec.Command("go", "list", "-deps", "github.com/sluicemesh/sluice/ztunnel/cmd/ztunnel").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go list: %v\n%s", err, out)
+	}
+	for line := range strings.Lines(string(out)) {
+		if pkg := strings.TrimSpace(line); strings.HasPrefix(pkg, "k8s.io/") {
+			t.Errorf("ztunnel links %s", pkg)
 		}
 	}
 }
