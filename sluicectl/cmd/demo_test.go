@@ -82,8 +82,8 @@ func TestDemo(t *testing.T) {
 }
 
 // TestMeshDemo runs `sluicectl lab mesh-demo`: the real ztunnels carry a connection
-// over HBONE with both identities, a DENY policy refuses it and its removal lets it
-// through again.
+// over HBONE with both identities, a DENY policy closes one already open and refuses new
+// ones, and its removal lets them through again.
 func TestMeshDemo(t *testing.T) {
 	needRoot(t)
 	bin := buildSluice(t)
@@ -98,7 +98,8 @@ func TestMeshDemo(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"protocol      HBONE", "src.identity  spiffe://cluster.local/ns/demo/sa/default",
-		"outcome       denied", "the connection goes through again", `connection_security_policy="mutual_tls"`} {
+		"closed by ztunnel", "reason        deny by demo/deny-demo", "outcome       denied", "the connection goes through again",
+		`connection_security_policy="mutual_tls"`} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("mesh demo output lacks %q", want)
 		}

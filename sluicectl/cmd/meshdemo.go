@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -31,13 +32,16 @@ const (
 	// the ztunnels read the registry as their local config.
 	meshDemoPolicy  = "policies/deny-demo-8080.yaml"
 	policyApplyWait = 15 * time.Second
+	// meshDemoHeldPort is a line echo in every pod, for a connection held open across
+	// the policy change.
+	meshDemoHeldPort = 8081
 )
 
 // The policy the demo applies: the same YAML a user would give Istio.
 const meshDemoDenyPolicy = `apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata:
-  name: deny-demo-8080
+  name: deny-demo
   namespace: demo
 spec:
   action: DENY
@@ -47,7 +51,7 @@ spec:
         namespaces: ["demo"]
     to:
     - operation:
-        ports: ["8080"]
+        ports: ["8080", "8081"]
 `
 
 // MeshDemoOptions configure RunMeshDemo; as DemoOptions.
@@ -154,6 +158,12 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 		}
 		d.servers = append(d.servers, ln)
 		go serveEcho(ln, p.String())
+		held, err := listenNoMPTCP(p.Do, fmt.Sprintf(":%d", meshDemoHeldPort))
+		if err != nil {
+			return fmt.Errorf("line echo in %s: %w", p, err)
+		}
+		d.servers = append(d.servers, held)
+		go serveLineEcho(held)
 	}
 
 	// Each ztunnel polls the lab's registry: connect once both know both pods as HBONE
@@ -179,7 +189,18 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 	d.showAccessLog(ctx, clientNode, to, "direction=outbound", "protocol=HBONE", "outcome=ok")
 	d.showAccessLog(ctx, serverNode, to, "direction=inbound", "src.identity=spiffe://", "outcome=ok")
 
-	d.header("Deny it with an Istio AuthorizationPolicy (namespace demo, port 8080)")
+	// A connection open before the policy: ztunnel judges open connections again on every
+	// policy change (Istio does not), so the policy ends this one too.
+	heldTo := server.AddrPort(meshDemoHeldPort)
+	held, err := openHeld(ctx, client, heldTo)
+	if err != nil {
+		d.fail(fmt.Sprintf("connection to %s: %v", heldTo, err))
+	} else {
+		defer held.Close()
+		d.printf("\nand a connection to %s that stays open, echoing a line every 200 ms\n", heldTo)
+	}
+
+	d.header("Deny both with an Istio AuthorizationPolicy (namespace demo, ports 8080 and 8081)")
 	policyPath := filepath.Join(l.RegistryDir(), meshDemoPolicy)
 	if err := os.MkdirAll(filepath.Dir(policyPath), 0o755); err != nil {
 		return err
@@ -188,8 +209,16 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 		return err
 	}
 	d.printf("wrote %s:\n\n%s\n", policyPath, indent(meshDemoDenyPolicy, "     "))
+	if held != nil {
+		if err := waitHeldClosed(ctx, held); err != nil {
+			d.printf("the connection opened before the policy was closed by ztunnel: %v\n", err)
+			d.showAccessLog(ctx, serverNode, heldTo, "direction=inbound", "outcome=closed")
+		} else {
+			d.fail(fmt.Sprintf("the connection to %s opened before the policy was still open %v after it was written", heldTo, policyApplyWait))
+		}
+	}
 	if r, ok := d.waitFor(ctx, cc, false); ok {
-		d.printf("the connection is refused now: %v\n", r.err)
+		d.printf("new connections are refused: %v\n", r.err)
 		d.showAccessLog(ctx, serverNode, to, "direction=inbound", "outcome=denied")
 		d.showAccessLog(ctx, clientNode, to, "direction=outbound")
 	} else {
@@ -380,6 +409,64 @@ func (d *demo) showZtunnelMetrics(ctx context.Context, n lab.Node) {
 	if found == 0 {
 		d.fail(fmt.Sprintf("ztunnel on %s reported no istio_tcp_connections_opened_total with reporter=\"destination\"", n.Name))
 	}
+}
+
+// serveLineEcho sends every line of each connection back.
+func serveLineEcho(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			io.Copy(c, c)
+		}()
+	}
+}
+
+// openHeld connects from pod p to to and checks that a line comes back.
+func openHeld(ctx context.Context, p *lab.Pod, to netip.AddrPort) (net.Conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := p.Dial(dctx, "tcp", to.String())
+	if err != nil {
+		return nil, err
+	}
+	if err := echoLine(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func echoLine(c net.Conn) error {
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := io.WriteString(c, "ping\n"); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "ping\n" {
+		return fmt.Errorf("echo answered %q", line)
+	}
+	return nil
+}
+
+// waitHeldClosed echoes a line on c every 200 ms until that fails, and returns the
+// failure; nil if c was still working after policyApplyWait.
+func waitHeldClosed(ctx context.Context, c net.Conn) error {
+	for deadline := time.Now().Add(policyApplyWait); time.Now().Before(deadline); {
+		if err := echoLine(c); err != nil {
+			return err
+		}
+		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
+			return nil
+		}
+	}
+	return nil
 }
 
 func indent(s, prefix string) string {
