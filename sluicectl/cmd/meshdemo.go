@@ -30,7 +30,7 @@ const (
 	ztunnelAdminAddr   = "127.0.0.1:15000"
 	// meshDemoPolicy is the registry file the demo writes its AuthorizationPolicy to;
 	// the ztunnels read the registry as their local config.
-	meshDemoPolicy  = "policies/deny-demo-8080.yaml"
+	meshDemoPolicy  = "policies/deny-demo.yaml"
 	policyApplyWait = 15 * time.Second
 	// meshDemoHeldPort is a line echo in every pod, for a connection held open across
 	// the policy change.
@@ -183,7 +183,7 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 	case r.answer != server.String() || r.sawFrom.Addr() != client.IP:
 		d.fail(fmt.Sprintf("answered by %q, which saw the client as %s; want %s seeing %s", r.answer, r.sawFrom, server, client.IP))
 	default:
-		d.printf("answered by %s, which saw the client as %s: its own address, kept through the tunnel\n", r.answer, r.sawFrom)
+		d.printf("answered by %s, which saw the client as %s: the client pod's own IP, kept through the tunnel\n", r.answer, r.sawFrom)
 	}
 	clientNode, serverNode := l.Node(client.Node), l.Node(server.Node)
 	d.showAccessLog(ctx, clientNode, to, "direction=outbound", "protocol=HBONE", "outcome=ok")
@@ -197,7 +197,8 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 		d.fail(fmt.Sprintf("connection to %s: %v", heldTo, err))
 	} else {
 		defer held.Close()
-		d.printf("\nand a connection to %s that stays open, echoing a line every 200 ms\n", heldTo)
+		fmt.Fprintln(d.out)
+		d.printf("and a connection to %s that stays open, echoing a line every 200 ms\n", heldTo)
 	}
 
 	d.header("Deny both with an Istio AuthorizationPolicy (namespace demo, ports 8080 and 8081)")
