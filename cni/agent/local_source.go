@@ -32,6 +32,8 @@ type LocalSource struct {
 	pods   map[string]*corev1.Pod
 	nss    map[string]*corev1.Namespace
 	synced bool
+	// podFile and nsFile name the file each object came from (scan's goroutine only).
+	podFile, nsFile map[string]string
 }
 
 func (s *LocalSource) Synced() bool {
@@ -85,9 +87,17 @@ func (s *LocalSource) Run(ctx context.Context, changed func(key string)) error {
 	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
+	var lastErr string
 	for {
-		if err := s.scan(changed); err != nil {
-			log.Warn("reading local pod registry", "dir", s.Dir, "err", err)
+		// Logged when the problem changes, not on every scan.
+		err := s.scan(changed)
+		switch {
+		case err != nil && err.Error() != lastErr:
+			log.Warn("reading local pod registry; what the failing files held before is kept", "dir", s.Dir, "err", err)
+			lastErr = err.Error()
+		case err == nil && lastErr != "":
+			log.Info("local pod registry reads cleanly again", "dir", s.Dir)
+			lastErr = ""
 		}
 		select {
 		case <-ctx.Done():
@@ -98,15 +108,25 @@ func (s *LocalSource) Run(ctx context.Context, changed func(key string)) error {
 }
 
 // scan reads the directory and reports what changed since the last scan. A file that does
-// not parse is reported and skipped; it never hides the other objects. While any file
-// fails (or vanished mid-scan), nothing is removed: a pod whose manifest or namespace
-// cannot be read right now stays as it was rather than leaving the mesh.
+// not parse is reported and skipped; it never hides the other objects. The objects that
+// file held before stay as they were until it parses again (or is removed): a typo in a
+// namespace's manifest must not take its pods out of the mesh. (After an agent restart
+// there is nothing to keep: such a namespace is unknown until it is fixed.)
 func (s *LocalSource) scan(changed func(string)) error {
 	pods := map[string]*corev1.Pod{}
 	nss := map[string]*corev1.Namespace{}
+	podFile, nsFile := map[string]string{}, map[string]string{}
 	docs, errs, err := manifest.ReadDir(s.Dir)
+	keepAll := false
 	if err != nil && !errors.Is(err, fs.ErrNotExist) { // no directory yet: nothing in it
 		errs = append(errs, err)
+		keepAll = true // the walk stopped: any file may be missing from docs
+	}
+	failing := map[string]bool{}
+	for _, err := range errs {
+		if fe := (*manifest.FileError)(nil); errors.As(err, &fe) {
+			failing[fe.Path] = true
+		}
 	}
 	for _, d := range docs {
 		switch d.Kind {
@@ -114,38 +134,40 @@ func (s *LocalSource) scan(changed func(string)) error {
 			var p corev1.Pod
 			if err := json.Unmarshal(d.JSON, &p); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", d.Where, err))
+				failing[d.Path] = true
 				continue
 			}
 			if p.Namespace == "" {
 				p.Namespace = "default"
 			}
 			if s.NodeName == "" || p.Spec.NodeName == s.NodeName {
-				pods[podKey(p.Namespace, p.Name)] = &p
+				key := podKey(p.Namespace, p.Name)
+				pods[key], podFile[key] = &p, d.Path
 			}
 		case "Namespace":
 			var n corev1.Namespace
 			if err := json.Unmarshal(d.JSON, &n); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", d.Where, err))
+				failing[d.Path] = true
 				continue
 			}
-			nss[n.Name] = &n
+			nss[n.Name], nsFile[n.Name] = &n, d.Path
 		}
 	}
 
 	s.mu.Lock()
 	oldPods, oldNss := s.pods, s.nss
-	if len(errs) > 0 {
-		for key, p := range oldPods {
-			if _, ok := pods[key]; !ok {
-				pods[key] = p
-			}
-		}
-		for name, n := range oldNss {
-			if _, ok := nss[name]; !ok {
-				nss[name] = n
-			}
+	for key, p := range oldPods {
+		if _, ok := pods[key]; !ok && (keepAll || failing[s.podFile[key]]) {
+			pods[key], podFile[key] = p, s.podFile[key]
 		}
 	}
+	for name, n := range oldNss {
+		if _, ok := nss[name]; !ok && (keepAll || failing[s.nsFile[name]]) {
+			nss[name], nsFile[name] = n, s.nsFile[name]
+		}
+	}
+	s.podFile, s.nsFile = podFile, nsFile
 	s.pods, s.nss, s.synced = pods, nss, true
 	s.mu.Unlock()
 

@@ -147,18 +147,25 @@ func TestLocalSourceKeepsObjectsWhileAFileFails(t *testing.T) {
 	nsFile := filepath.Join(dir, "ns.yaml")
 	os.WriteFile(nsFile, []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n"), 0o644)
 	os.WriteFile(filepath.Join(dir, "pod.yaml"), []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: cart, namespace: shop}\nspec: {nodeName: n1}\n"), 0o644)
+	gone := filepath.Join(dir, "gone.yaml")
+	os.WriteFile(gone, []byte("apiVersion: v1\nkind: Pod\nmetadata: {name: gone, namespace: shop}\nspec: {nodeName: n1}\n"), 0o644)
 	s := &LocalSource{Dir: dir, NodeName: "n1"}
 	if err := s.scan(func(string) {}); err != nil {
 		t.Fatal(err)
 	}
 	os.WriteFile(nsFile, []byte("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: [broken\n"), 0o644)
+	os.Remove(gone)
 	var changed []string
 	if err := s.scan(func(k string) { changed = append(changed, k) }); err == nil {
 		t.Error("the broken namespace file was not reported")
 	}
 	pod, _ := s.Pod("shop/cart")
 	ns, _ := s.Namespace("shop")
-	if !InMesh(pod, ns) || len(changed) != 0 {
-		t.Errorf("in mesh %v, changes %v: want the pod kept in the mesh, unchanged", InMesh(pod, ns), changed)
+	if !InMesh(pod, ns) {
+		t.Error("the pod left the mesh while its namespace's manifest was broken")
+	}
+	// Only what the broken file held is kept: a pod removed meanwhile goes.
+	if _, ok := s.Pod("shop/gone"); ok || !slices.Equal(changed, []string{"shop/gone"}) {
+		t.Errorf("changes %v, want only the removed pod shop/gone", changed)
 	}
 }

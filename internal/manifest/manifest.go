@@ -22,6 +22,8 @@ import (
 
 // Doc is one object of a manifest file.
 type Doc struct {
+	// Path is the file the object came from.
+	Path string
 	// Where names the document for error messages: the file and the document's number
 	// in it ("pods/web.yaml#2").
 	Where string
@@ -29,6 +31,17 @@ type Doc struct {
 	// JSON is the document converted to JSON, ready for json.Unmarshal.
 	JSON []byte
 }
+
+// FileError is a problem with one file: it could not be read, split or parsed (or it
+// vanished while the directory was read). The file's other documents are not returned
+// either when splitting fails; otherwise only the failing document is missing.
+type FileError struct {
+	Path string
+	Err  error
+}
+
+func (e *FileError) Error() string { return e.Err.Error() }
+func (e *FileError) Unwrap() error { return e.Err }
 
 // ReadDir returns the documents of every manifest below dir, in path order. A file or
 // document that cannot be read or parsed is reported in errs and skipped: it never hides
@@ -39,7 +52,7 @@ func ReadDir(dir string) (docs []Doc, errs []error, err error) {
 	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			if path != dir && errors.Is(err, fs.ErrNotExist) {
-				errs = append(errs, err) // removed while we walked
+				errs = append(errs, &FileError{path, err}) // removed while we walked
 				return nil
 			}
 			return err
@@ -49,62 +62,66 @@ func ReadDir(dir string) (docs []Doc, errs []error, err error) {
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {
-			errs = append(errs, err)
+			errs = append(errs, &FileError{path, err})
 			return nil
 		}
 		parts, err := splitDocuments(b)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", path, err))
+			errs = append(errs, &FileError{path, fmt.Errorf("%s: %w", path, err)})
 			return nil
 		}
 		for i, part := range parts {
-			fileDocs, err := parseDocument(fmt.Sprintf("%s#%d", path, i+1), part)
-			if err != nil {
-				errs = append(errs, err)
-				continue
-			}
+			fileDocs, docErrs := parseDocument(path, fmt.Sprintf("%s#%d", path, i+1), part)
 			docs = append(docs, fileDocs...)
+			for _, err := range docErrs {
+				errs = append(errs, &FileError{path, err})
+			}
 		}
 		return nil
 	})
 	return docs, errs, err
 }
 
-// parseDocument converts one YAML document to JSON: nothing for an empty one, each item
-// for a List.
-func parseDocument(where string, part []byte) ([]Doc, error) {
+// parseDocument converts one YAML document to JSON: nothing for an empty one, the items
+// of a List (and of Lists in it).
+func parseDocument(path, where string, part []byte) ([]Doc, []error) {
 	if len(bytes.TrimSpace(part)) == 0 {
 		return nil, nil
 	}
 	j, err := yaml.YAMLToJSON(part)
 	if err != nil {
-		return nil, fmt.Errorf("%s: %w", where, err)
+		return nil, []error{fmt.Errorf("%s: %w", where, err)}
 	}
 	if string(j) == "null" {
 		return nil, nil // only comments
 	}
+	return expand(path, where, j)
+}
+
+// expand returns the object j, or, for a List (a kind ending in "List" with an items
+// array, as kubectl decides), its items, recursively. A bad item is an error of its own
+// and does not hide the others.
+func expand(path, where string, j []byte) ([]Doc, []error) {
 	var head struct {
-		Kind  string            `json:"kind"`
-		Items []json.RawMessage `json:"items"`
+		Kind  string          `json:"kind"`
+		Items json.RawMessage `json:"items"`
 	}
-	if err := json.Unmarshal(j, &head); err != nil {
-		return nil, fmt.Errorf("%s: not an object: %w", where, err)
+	if err := json.Unmarshal(j, &head); err != nil || bytes.Equal(j, []byte("null")) {
+		return nil, []error{fmt.Errorf("%s: not an object (%v)", where, err)}
 	}
-	if !strings.HasSuffix(head.Kind, "List") {
-		return []Doc{{Where: where, Kind: head.Kind, JSON: j}}, nil
+	var items []json.RawMessage
+	if !strings.HasSuffix(head.Kind, "List") || json.Unmarshal(head.Items, &items) != nil {
+		return []Doc{{Path: path, Where: where, Kind: head.Kind, JSON: j}}, nil
 	}
-	var out []Doc
-	for i, item := range head.Items {
-		itemWhere := fmt.Sprintf("%s items[%d]", where, i)
-		var meta struct {
-			Kind string `json:"kind"`
-		}
-		if err := json.Unmarshal(item, &meta); err != nil {
-			return nil, fmt.Errorf("%s: not an object: %w", itemWhere, err)
-		}
-		out = append(out, Doc{Where: itemWhere, Kind: meta.Kind, JSON: item})
+	var (
+		docs []Doc
+		errs []error
+	)
+	for i, item := range items {
+		d, e := expand(path, fmt.Sprintf("%s items[%d]", where, i), item)
+		docs, errs = append(docs, d...), append(errs, e...)
 	}
-	return out, nil
+	return docs, errs
 }
 
 // IsManifest reports whether path names a file ReadDir reads.

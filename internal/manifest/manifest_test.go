@@ -79,6 +79,35 @@ metadata: {name: deny}
 	}
 }
 
+// Lists nest; a bad item is reported without hiding its siblings; an object that merely
+// has an "items" field is an object.
+func TestReadDirNestedLists(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "x.yaml"), []byte(`kind: List
+items:
+- kind: List
+  items:
+  - {kind: AuthorizationPolicy, metadata: {name: deep}}
+- null
+- {kind: Widget, items: {a: 1}}
+`), 0o644)
+	docs, errs, err := ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kinds []string
+	for _, d := range docs {
+		kinds = append(kinds, d.Kind)
+	}
+	if strings.Join(kinds, " ") != "AuthorizationPolicy Widget" {
+		t.Errorf("kinds %v, want the nested policy and the Widget", kinds)
+	}
+	var fe *FileError
+	if len(errs) != 1 || !errors.As(errs[0], &fe) || !strings.HasSuffix(fe.Path, "x.yaml") || !strings.Contains(errs[0].Error(), "items[1]: not an object") {
+		t.Errorf("errors %v, want items[1] named, as a FileError of x.yaml", errs)
+	}
+}
+
 // A List, as `kubectl get -o yaml` writes it, is its items.
 func TestReadDirExpandsLists(t *testing.T) {
 	dir := t.TempDir()

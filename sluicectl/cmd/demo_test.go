@@ -97,8 +97,10 @@ func TestMeshDemo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"protocol      HBONE", "src.identity  spiffe://cluster.local/ns/demo/sa/default",
-		"closed by ztunnel", "reason        deny by demo/deny-demo", "outcome       denied", "the connection goes through again",
+	// RunMeshDemo fails on its own when a step is not as expected; these check what it
+	// prints beyond that.
+	for _, want := range []string{"src.identity  spiffe://cluster.local/ns/demo/sa/default",
+		"dst.identity  spiffe://cluster.local/ns/demo/sa/default", "reason        deny by demo/deny-demo",
 		`connection_security_policy="mutual_tls"`} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("mesh demo output lacks %q", want)

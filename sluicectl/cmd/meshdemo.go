@@ -134,7 +134,7 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 			}
 			if opts.Keep {
 				d.printf("\nlab %s stays up: `sluicectl lab status --name %s`, `sluicectl lab down --name %s`\n", opts.Name, opts.Name, opts.Name)
-			} else if derr := labDown(context.WithoutCancel(ctx), cfg); derr != nil {
+			} else if derr := labDownWithin(ctx, cfg, time.Minute); derr != nil {
 				err = errors.Join(err, fmt.Errorf("remove lab %s: %w", opts.Name, derr))
 			}
 			fmt.Fprintf(d.out, "\n(took %v)\n", time.Since(start).Round(100*time.Millisecond))
@@ -211,17 +211,21 @@ func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
 	}
 	d.printf("wrote %s:\n\n%s\n", policyPath, indent(meshDemoDenyPolicy, "     "))
 	if held != nil {
-		if err := waitHeldClosed(ctx, held); err != nil {
-			d.printf("the connection opened before the policy was closed by ztunnel: %v\n", err)
+		closed, err := waitHeldClosed(ctx, held)
+		switch {
+		case closed != nil:
+			d.printf("the connection opened before the policy was closed by ztunnel: %v\n", closed)
 			d.showAccessLog(ctx, serverNode, heldTo, "direction=inbound", "outcome=closed")
-		} else {
+		case err != nil:
+			d.fail(fmt.Sprintf("the connection to %s opened before the policy: %v", heldTo, err))
+		default:
 			d.fail(fmt.Sprintf("the connection to %s opened before the policy was still open %v after it was written", heldTo, policyApplyWait))
 		}
 	}
 	if r, ok := d.waitFor(ctx, cc, false); ok {
 		d.printf("new connections are refused: %v\n", r.err)
 		d.showAccessLog(ctx, serverNode, to, "direction=inbound", "outcome=denied")
-		d.showAccessLog(ctx, clientNode, to, "direction=outbound")
+		d.showAccessLog(ctx, clientNode, to, "direction=outbound", "outcome=error")
 	} else {
 		d.fail(fmt.Sprintf("the connection still went through %v after the policy was written", policyApplyWait))
 	}
@@ -298,6 +302,14 @@ func ztunnelKnows(ctx context.Context, n lab.Node, pods []*lab.Pod) (bool, error
 	return true, nil
 }
 
+// labDownWithin removes the lab even when ctx has ended (an interrupted demo cleans up
+// too), but gives up after limit rather than hang.
+func labDownWithin(ctx context.Context, cfg lab.Config, limit time.Duration) error {
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), limit)
+	defer cancel()
+	return labDown(dctx, cfg)
+}
+
 func sleepCtx(ctx context.Context, d time.Duration) error {
 	select {
 	case <-ctx.Done():
@@ -316,10 +328,9 @@ func (d *demo) waitFor(ctx context.Context, cc connCase, want bool) (connResult,
 		if (r.err == nil) == want {
 			return r, true
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
+		if time.Now().After(deadline) || sleepCtx(ctx, 200*time.Millisecond) != nil {
 			return r, false
 		}
-		time.Sleep(200 * time.Millisecond)
 	}
 }
 
@@ -456,18 +467,23 @@ func echoLine(c net.Conn) error {
 	return nil
 }
 
-// waitHeldClosed echoes a line on c every 200 ms until that fails, and returns the
-// failure; nil if c was still working after policyApplyWait.
-func waitHeldClosed(ctx context.Context, c net.Conn) error {
+// waitHeldClosed echoes a line on c every 200 ms until the connection is closed or reset,
+// and returns how (closed). A line that does not come back in time is not a close: it
+// is returned as err, as is ctx ending. Both are nil if c still worked after
+// policyApplyWait.
+func waitHeldClosed(ctx context.Context, c net.Conn) (closed, err error) {
 	for deadline := time.Now().Add(policyApplyWait); time.Now().Before(deadline); {
 		if err := echoLine(c); err != nil {
-			return err
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil, fmt.Errorf("no echo within 2s, yet not closed: %w", err)
+			}
+			return err, nil
 		}
 		if err := sleepCtx(ctx, 200*time.Millisecond); err != nil {
-			return nil
+			return nil, err
 		}
 	}
-	return nil
+	return nil, nil
 }
 
 func indent(s, prefix string) string {

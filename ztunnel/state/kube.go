@@ -4,7 +4,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
+	"time"
 
 	"github.com/sluicemesh/sluice/internal/manifest"
 	"github.com/sluicemesh/sluice/internal/workload"
@@ -17,12 +19,7 @@ import (
 // stand-in for the controller: the same objects a cluster would have, converted the way
 // the controller will. Other kinds are ignored.
 func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
-	docs, errs, err := manifest.ReadDir(dir)
-	if err == nil && len(errs) > 0 {
-		// A file that does not parse might be a DENY policy: applying the rest without
-		// it could open what it closes, so the directory waits until it is fixed.
-		err = errors.Join(errs...)
-	}
+	docs, err := readManifests(dir)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -69,6 +66,27 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 	set, perr := policy.Compile(rootNamespace(nss), authz, peer)
 	snap, errs := NewSnapshot(version, "", ws, ss, set)
 	return snap, append(append(warnings, perr...), errs...), nil
+}
+
+// readManifests reads dir's manifests, all or nothing: a file that does not parse might
+// be a DENY policy, and applying the rest without it could open what it closes, so the
+// directory waits until it is fixed. A file that vanished while being read (an editor
+// replacing it, a git checkout) is read again at once, up to three times.
+func readManifests(dir string) ([]manifest.Doc, error) {
+	for attempt := 1; ; attempt++ {
+		docs, errs, err := manifest.ReadDir(dir)
+		vanished := err == nil && len(errs) > 0
+		for _, e := range errs {
+			vanished = vanished && errors.Is(e, fs.ErrNotExist)
+		}
+		if err == nil && len(errs) > 0 {
+			err = errors.Join(errs...)
+		}
+		if err == nil || !vanished || attempt == 3 {
+			return docs, err
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // rootNamespace is istio-system: Istio's default, which local mode keeps.
