@@ -41,23 +41,22 @@ var demoServiceAddr = netip.MustParseAddrPort("10.96.0.10:80")
 
 const demoServiceName = "service 10.96.0.10 (in the fabric)"
 
-// DemoOptions configure RunDemo. The zero value of a field means its default.
+// DemoOptions configure RunDemo and RunMeshDemo. The zero value of a field means its default.
 type DemoOptions struct {
 	Name     string // lab name; default DemoLabName
 	StateDir string // default /run/sluice-lab/<Name>
 	// CNIBinDir and SluiceBinDir are as in LabUpOptions.
 	CNIBinDir    string
 	SluiceBinDir string
-	// Keep leaves the lab running at the end, with the ztunnel stand-in moved out of
-	// this process into one detached process per node.
+	// Keep leaves the lab running at the end (the capture demo moves its ztunnel
+	// stand-ins out of this process into one detached process per node).
 	Keep   bool
 	Out    io.Writer    // the narrative; nil discards
 	Logger *slog.Logger // nil discards
 }
 
 func newLabDemoCommand(o *labOptions) *cobra.Command {
-	var opts DemoOptions
-	c := &cobra.Command{
+	return newDemoCommand(o, DemoLabName, RunDemo, &cobra.Command{
 		Use:   "demo",
 		Short: "Show eBPF capture end to end: a 2-node lab with node agents, pods in and out of the mesh, and connections between them",
 		Long: `Build a 2-node lab with a node agent and a ztunnel stand-in on each node, pods in an
@@ -67,25 +66,49 @@ between them and tell, for each, whether eBPF captured it, to which in-pod liste
 Then read the kernel's per-pod counters from the agents, take a pod out of the mesh and
 try again. Exits non-zero if anything was not as expected, so it doubles as a smoke test.
 Needs root and the binaries of "make build" next to sluicectl.`,
-		Args: cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			opts.Name, opts.StateDir, opts.Out = DemoLabName, o.stateDir, o.stdout
-			// The narrative is the output; progress logs only with -v.
-			opts.Logger = slog.New(slog.DiscardHandler)
-			if o.verbose {
-				opts.Logger = o.logger()
-			}
-			if c.Flags().Changed("name") {
-				opts.Name = o.name
-			}
-			return RunDemo(c.Context(), opts)
-		},
+	})
+}
+
+// newDemoCommand completes c (use and help text) into the command that runs a demo: run
+// gets DemoOptions from the flags, with the lab named name unless --name says otherwise.
+func newDemoCommand(o *labOptions, name string, run func(context.Context, DemoOptions) error, c *cobra.Command) *cobra.Command {
+	var opts DemoOptions
+	c.Args = cobra.NoArgs
+	c.RunE = func(c *cobra.Command, _ []string) error {
+		opts.Name, opts.StateDir, opts.Out = name, o.stateDir, o.stdout
+		// The narrative is the output; progress logs only with -v.
+		opts.Logger = slog.New(slog.DiscardHandler)
+		if o.verbose {
+			opts.Logger = o.logger()
+		}
+		if c.Flags().Changed("name") {
+			opts.Name = o.name
+		}
+		return run(c.Context(), opts)
 	}
 	f := c.Flags()
 	f.BoolVar(&opts.Keep, "keep", false, "leave the lab running at the end")
 	f.StringVar(&opts.CNIBinDir, "cni-bin", "", "CNI plugin directory (default: build bridge and host-local into "+lab.DefaultCNIBinDir()+")")
-	f.StringVar(&opts.SluiceBinDir, "sluice-bin", "", "directory holding sluice-agent and sluice-cni (default: sluicectl's own directory)")
+	f.StringVar(&opts.SluiceBinDir, "sluice-bin", "", "directory holding sluice-agent, sluice-cni and ztunnel (default: sluicectl's own directory)")
 	return c
+}
+
+// withDefaults fills in what opts leaves empty (the lab name with name) and checks that
+// the demo can run.
+func (opts DemoOptions) withDefaults(name string) (DemoOptions, error) {
+	if opts.Name == "" {
+		opts.Name = name
+	}
+	if opts.Out == nil {
+		opts.Out = io.Discard
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if os.Geteuid() != 0 {
+		return opts, errors.New("the demo needs root (network namespaces, cgroups, eBPF): run it with sudo")
+	}
+	return opts, nil
 }
 
 // demo is one run of RunDemo.
@@ -112,17 +135,8 @@ type demoProxy struct {
 // expectation failed or the lab could not be built. Unless opts.Keep, it removes the
 // lab again, also on failure.
 func RunDemo(ctx context.Context, opts DemoOptions) (err error) {
-	if opts.Name == "" {
-		opts.Name = DemoLabName
-	}
-	if opts.Out == nil {
-		opts.Out = io.Discard
-	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if os.Geteuid() != 0 {
-		return errors.New("the demo needs root (network namespaces, cgroups, eBPF): run it with sudo")
+	if opts, err = opts.withDefaults(DemoLabName); err != nil {
+		return err
 	}
 	d := &demo{opts: opts, out: opts.Out}
 	start := time.Now()

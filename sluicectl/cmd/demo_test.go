@@ -92,7 +92,7 @@ func TestMeshDemo(t *testing.T) {
 	var out bytes.Buffer
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	err := RunMeshDemo(ctx, MeshDemoOptions{Name: name, SluiceBinDir: bin, Out: &out})
+	err := RunMeshDemo(ctx, DemoOptions{Name: name, SluiceBinDir: bin, Out: &out})
 	t.Logf("mesh demo output:\n%s", out.String())
 	if err != nil {
 		t.Fatal(err)

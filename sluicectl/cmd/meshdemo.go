@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -54,20 +53,8 @@ spec:
         ports: ["8080", "8081"]
 `
 
-// MeshDemoOptions configure RunMeshDemo; as DemoOptions.
-type MeshDemoOptions struct {
-	Name         string // lab name; default MeshDemoLabName
-	StateDir     string
-	CNIBinDir    string
-	SluiceBinDir string
-	Keep         bool // leave the lab running at the end
-	Out          io.Writer
-	Logger       *slog.Logger
-}
-
 func newLabMeshDemoCommand(o *labOptions) *cobra.Command {
-	var opts MeshDemoOptions
-	c := &cobra.Command{
+	return newDemoCommand(o, MeshDemoLabName, RunMeshDemo, &cobra.Command{
 		Use:   "mesh-demo",
 		Short: "Show the mesh end to end: two nodes running the real ztunnel, a connection over HBONE with mutual TLS, an AuthorizationPolicy, metrics",
 		Long: `Build a 2-node lab with a node agent and the real ztunnel on each node and a pod per
@@ -76,42 +63,16 @@ logged (identities, HBONE), apply an Istio AuthorizationPolicy that denies the c
 remove it again, and read ztunnel's istio_tcp_* metrics. Exits non-zero if anything was
 not as expected, so it doubles as a smoke test. Needs root and the binaries of
 "make build" next to sluicectl.`,
-		Args: cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			opts.Name, opts.StateDir, opts.Out = MeshDemoLabName, o.stateDir, o.stdout
-			opts.Logger = slog.New(slog.DiscardHandler)
-			if o.verbose {
-				opts.Logger = o.logger()
-			}
-			if c.Flags().Changed("name") {
-				opts.Name = o.name
-			}
-			return RunMeshDemo(c.Context(), opts)
-		},
-	}
-	f := c.Flags()
-	f.BoolVar(&opts.Keep, "keep", false, "leave the lab running at the end")
-	f.StringVar(&opts.CNIBinDir, "cni-bin", "", "CNI plugin directory (default: build bridge and host-local into "+lab.DefaultCNIBinDir()+")")
-	f.StringVar(&opts.SluiceBinDir, "sluice-bin", "", "directory holding sluice-agent, sluice-cni and ztunnel (default: sluicectl's own directory)")
-	return c
+	})
 }
 
 // RunMeshDemo runs the mesh demo and removes its lab afterwards (unless Keep), also when
 // a step fails.
-func RunMeshDemo(ctx context.Context, opts MeshDemoOptions) (err error) {
-	if opts.Name == "" {
-		opts.Name = MeshDemoLabName
+func RunMeshDemo(ctx context.Context, opts DemoOptions) (err error) {
+	if opts, err = opts.withDefaults(MeshDemoLabName); err != nil {
+		return err
 	}
-	if opts.Out == nil {
-		opts.Out = io.Discard
-	}
-	if opts.Logger == nil {
-		opts.Logger = slog.New(slog.DiscardHandler)
-	}
-	if os.Geteuid() != 0 {
-		return errors.New("the mesh demo needs root (network namespaces, cgroups, eBPF): run it with sudo")
-	}
-	d := &demo{opts: DemoOptions{Name: opts.Name}, out: opts.Out}
+	d := &demo{opts: opts, out: opts.Out}
 	start := time.Now()
 	fmt.Fprintf(d.out, "Sluice mesh demo: lab %q, 2 nodes, each with a node agent and ztunnel, namespace %s (istio.io/dataplane-mode=ambient)\n",
 		opts.Name, demoAmbientNS)
