@@ -299,26 +299,24 @@ func (d *demo) waitFor(ctx context.Context, cc connCase, want bool) (connResult,
 // connection to dst that contains every one of want, and fails the demo when there is none.
 func (d *demo) showAccessLog(ctx context.Context, n lab.Node, dst netip.AddrPort, want ...string) {
 	fields := []string{"direction", "src.addr", "src.identity", "dst.addr", "dst.identity", "protocol", "outcome", "reason", "error"}
-	{
-		path := pathsOf(n).ztunnelLog
-		var line string
-		// The line is written when the connection closes, which may be just after the
-		// client saw it end.
-		for deadline := time.Now().Add(5 * time.Second); line == "" && time.Now().Before(deadline) && ctx.Err() == nil; {
-			line = lastLogLine(path, append([]string{`msg="connection complete"`, "dst.addr=" + dst.String()}, want...)...)
-			if line == "" {
-				time.Sleep(100 * time.Millisecond)
-			}
+	path := pathsOf(n).ztunnelLog
+	match := append([]string{`msg="connection complete"`, "dst.addr=" + dst.String()}, want...)
+	var line string
+	// The line is written when the connection closes, which may be just after the client
+	// saw it end.
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		if line = lastLogLine(path, match...); line != "" || time.Now().After(deadline) || sleepCtx(ctx, 100*time.Millisecond) != nil {
+			break
 		}
-		if line == "" {
-			d.fail(fmt.Sprintf("no access-log line with %s for %s in %s", strings.Join(want, " "), dst, path))
-			return
-		}
-		d.printf("ztunnel on %s logged:\n", n.Name)
-		for _, f := range fields {
-			if v, ok := logField(line, f); ok {
-				d.printf("    %-13s %s\n", f, v)
-			}
+	}
+	if line == "" {
+		d.fail(fmt.Sprintf("no access-log line with %s for %s in %s", strings.Join(want, " "), dst, path))
+		return
+	}
+	d.printf("ztunnel on %s logged:\n", n.Name)
+	for _, f := range fields {
+		if v, ok := logField(line, f); ok {
+			d.printf("    %-13s %s\n", f, v)
 		}
 	}
 }
