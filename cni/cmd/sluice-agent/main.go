@@ -68,7 +68,9 @@ func run() error {
 	flag.StringVar(&cfg.Capture.Instance, "bpf-instance", bpf.DefaultInstance, "pin directory name under /sys/fs/bpf/sluice")
 	flag.StringVar(&cfg.Capture.CgroupPath, "cgroup", "", "cgroup2 directory above every pod (default: the cgroup2 root)")
 	flag.BoolVar(&cfg.Capture.CaptureDNS, "capture-dns", false, "steer pods' DNS (port 53) to ztunnel's DNS proxy on 15053")
-	flag.BoolVar(&cfg.Capture.Accelerate, "accelerate", false, "short-cut the pod <-> ztunnel loopback hop with sk_msg")
+	// No flag turns on sk_msg acceleration (bpf.Config.Accelerate): redirected data has
+	// no flow control, so a slow ztunnel would let a pod fill the node's TCP memory
+	// (docs/capture-design.md, TestAccelerationHasNoBackpressure).
 	flag.Var(&hostAddrs, "host-addr", "node address whose connections to pods are not captured (repeatable; default: the agent's own addresses)")
 	flag.Parse()
 

@@ -247,6 +247,8 @@ func (b *bench) report(res *results, f facts, took time.Duration) string {
 	if gbps["t2"] > 0 && gbps["t3"] > 0 {
 		p("\nsk_msg acceleration: %.2f× the unaccelerated eBPF-captured hop (%.2f against %.2f Gbit/s).\n",
 			gbps["t3"]/gbps["t2"], gbps["t3"], gbps["t2"])
+		p("The node agent does not offer it: redirected data meets no flow control, so an application\n")
+		p("writing faster than ztunnel reads queues without bound in kernel memory (docs/capture-design.md).\n")
 		if tcpShare["t3"] > 50 {
 			p("**Acceleration did not take effect**: sockops put the hop's sockets into local_hop (%s per round),\n", localHop["t3"])
 			p("yet the client's TCP stack still carried %.1f%% of the bytes, so the sk_msg program's redirect\n", tcpShare["t3"])
