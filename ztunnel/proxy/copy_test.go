@@ -1,10 +1,13 @@
 package proxy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"runtime"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -92,5 +95,88 @@ func TestFinishResetsWhenTheTunnelDies(t *testing.T) {
 	app2.SetReadDeadline(time.Now().Add(3 * time.Second))
 	if _, rerr := app2.Read(make([]byte, 1)); rerr != io.EOF {
 		t.Fatalf("after a clean end the application read %v, want EOF", rerr)
+	}
+}
+
+// The detached copy hands over to a fresh goroutine idleHandoff after its first bytes
+// moved (carryFromTCP): it does, and bytes sent in bursts with pauses between them, and a
+// bulk transfer during which the hand-over fires again and again, all arrive in order;
+// the ends of the streams still half-close, and finish runs once with both counts.
+func TestPipeDetachedAcrossHandOvers(t *testing.T) {
+	defer func(d time.Duration) { idleHandoff = d }(idleHandoff)
+	idleHandoff = 2 * time.Millisecond
+	app, proxyIn := tcpPair(t)
+	proxyOut, server := tcpPair(t)
+	sent, received := &counter{}, &counter{}
+	done := make(chan error, 2)
+	pipeDetached(proxyIn, proxyOut, sent, received, func(err error) { done <- err })
+
+	server.SetReadDeadline(time.Now().Add(10 * time.Second))
+	readN := func(n int) []byte {
+		t.Helper()
+		buf := make([]byte, n)
+		if _, err := io.ReadFull(server, buf); err != nil {
+			t.Fatalf("server read: %v", err)
+		}
+		return buf
+	}
+	first := []byte("first burst;")
+	app.Write(first)
+	if got := readN(len(first)); string(got) != string(first) {
+		t.Fatalf("server read %q, want %q", got, first)
+	}
+	waitFor(t, 3*time.Second, "a fresh goroutine to take over the quiet socket", func() bool {
+		buf := make([]byte, 1<<20)
+		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), "proxy.resumeFromTCP")
+	})
+
+	bulk := make([]byte, 8<<20)
+	for i := range bulk {
+		bulk[i] = byte(i * 7)
+	}
+	go func() {
+		for p := bulk; len(p) > 0; p = p[min(len(p), 1000):] {
+			app.Write(p[:min(len(p), 1000)])
+			if len(p)%(1<<20) < 1000 {
+				time.Sleep(3 * time.Millisecond) // a pause longer than idleHandoff
+			}
+		}
+		app.CloseWrite()
+	}()
+	got, err := io.ReadAll(server)
+	if err != nil || !bytes.Equal(got, bulk) {
+		t.Fatalf("server read %d bytes (%v), want the %d sent, in order", len(got), err, len(bulk))
+	}
+	server.Write([]byte("answer"))
+	server.CloseWrite()
+	app.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if got, err := io.ReadAll(app); err != nil || string(got) != "answer" {
+		t.Fatalf("client read %q, %v", got, err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("finish got %v after clean ends", err)
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("finish was not called")
+	}
+	select {
+	case <-done:
+		t.Error("finish was called twice")
+	case <-time.After(50 * time.Millisecond):
+	}
+	if want := uint64(len(first) + len(bulk)); sent.n.Load() != want || received.n.Load() != 6 {
+		t.Errorf("counted %d sent, %d received; want %d, 6", sent.n.Load(), received.n.Load(), want)
+	}
+}
+
+// waitFor polls cond until it holds or timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
 	}
 }
