@@ -70,7 +70,9 @@ func run() error {
 	flag.BoolVar(&cfg.Capture.CaptureDNS, "capture-dns", false, "steer pods' DNS (port 53) to ztunnel's DNS proxy on 15053")
 	// No flag turns on sk_msg acceleration (bpf.Config.Accelerate): redirected data has
 	// no flow control, so a slow ztunnel would let a pod fill the node's TCP memory
-	// (docs/capture-design.md, TestAccelerationHasNoBackpressure).
+	// (docs/capture-design.md, TestAccelerationHasNoBackpressure). The old flag is still
+	// accepted, so that a DaemonSet that passes it keeps starting.
+	accelerate := flag.Bool("accelerate", false, "ignored: sk_msg acceleration was withdrawn (no flow control; see docs/capture-design.md)")
 	flag.Var(&hostAddrs, "host-addr", "node address whose connections to pods are not captured (repeatable; default: the agent's own addresses)")
 	flag.Parse()
 
@@ -80,6 +82,9 @@ func run() error {
 	}
 	log := slog.New(handler)
 	cfg.Logger = log
+	if *accelerate {
+		log.Warn("--accelerate is ignored: sk_msg acceleration was withdrawn because redirected data has no flow control; remove the flag (docs/capture-design.md)")
+	}
 	if len(hostAddrs) > 0 {
 		cfg.HostAddrs = hostAddrs
 	}
