@@ -89,12 +89,27 @@ func New(cfg Config) *Proxy {
 	p := &Proxy{cfg: cfg, log: cfg.Logger, pods: map[string]*podServer{}}
 	p.draining, p.drainNow = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Logger: cfg.Logger.With("component", "hbone-pool")}
-	cfg.Store.Subscribe(func(_, _ *state.Snapshot) {
+	cfg.Store.Subscribe(func(_, cur *state.Snapshot) {
+		p.wantIdentities(cur)
 		if n := p.conns.reevaluate(); n > 0 {
 			p.log.Info("closed connections a policy change now denies", "count", n)
 		}
 	})
 	return p
+}
+
+// wantIdentities asks for the certificate of every served pod's identity in snap: a
+// config change can give a pod the identity it lacked when it was added.
+func (p *Proxy) wantIdentities(snap *state.Snapshot) {
+	p.mu.Lock()
+	pods := make([]*podServer, 0, len(p.pods))
+	for _, ps := range p.pods {
+		pods = append(pods, ps)
+	}
+	p.mu.Unlock()
+	for _, ps := range pods {
+		p.cfg.Identity.Want(ps.workload(snap).Identity())
+	}
 }
 
 func randomPick(n int) int {
@@ -122,13 +137,25 @@ func (ps *podServer) workload(snap *state.Snapshot) *state.Workload {
 		return w
 	}
 	for _, ip := range ps.ips {
-		if w, ok := snap.WorkloadByIP(ip); ok {
+		// A config that names the pod only by address (local mode) is it only if
+		// it agrees with what the node agent says the pod is: an address reused by a
+		// new pod before the config caught up must not lend it the old pod's identity.
+		if w, ok := snap.WorkloadByIP(ip); ok && ps.sameWorkload(w) {
 			return w
 		}
 	}
 	return &state.Workload{UID: ps.uid, Name: ps.info.Name, Namespace: ps.info.Namespace,
 		ServiceAccount: ps.info.ServiceAccount, Node: ps.info.Node, IPs: ps.ips, Labels: ps.info.Labels,
 		Protocol: state.HBONE, TrustDomain: snap.TrustDomain}
+}
+
+// sameWorkload reports whether w, found by one of the pod's addresses, can be this pod.
+func (ps *podServer) sameWorkload(w *state.Workload) bool {
+	if w.UID != "" {
+		return w.UID == ps.uid
+	}
+	return (ps.info.Namespace == "" || w.Namespace == ps.info.Namespace) &&
+		(ps.info.ServiceAccount == "" || w.ServiceAccount == ps.info.ServiceAccount)
 }
 
 func (ps *podServer) owns(a netip.Addr) bool {
