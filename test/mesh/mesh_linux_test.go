@@ -393,6 +393,19 @@ func TestMeshEndToEnd(t *testing.T) {
 		m.apply(t, "")
 	})
 
+	t.Run("connections to ztunnel's own ports are refused, not looped back into it", func(t *testing.T) {
+		for _, from := range []*lab.Pod{a, c} { // over HBONE, and plaintext to 15006
+			for _, port := range []uint16{15001, 15006} {
+				addr := b.AddrPort(port).String()
+				if refused(t, from, addr) == "" {
+					t.Errorf("%s reached %s", from.Name, addr)
+				}
+			}
+		}
+		waitLog(t, m.zt[1], "CONNECT to "+b.IP.String()+":15006: port 15006 is ztunnel's own")
+		waitLog(t, m.zt[1], "port 15006 is ztunnel's own")
+	})
+
 	t.Run("AuthorizationPolicy rules allow and deny", func(t *testing.T) {
 		cases := []struct {
 			name     string

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/hbone"
 	"github.com/sluicemesh/sluice/internal/rawio"
 	"github.com/sluicemesh/sluice/internal/spiffe"
@@ -82,6 +83,11 @@ func (p *Proxy) handleInbound(ctx context.Context, ps *podServer, req *hbone.Req
 		return
 	}
 	rec.orig = target
+	if ownPort(target.Port()) {
+		rec.err = fmt.Errorf("CONNECT to %s: port %d is ztunnel's own", target, target.Port())
+		s.Respond(400)
+		return
+	}
 	rec.src, _ = snap.WorkloadByIP(pr.addr.Addr())
 	conn := policy.Conn{SrcIdentity: pr.id.String(), SrcIP: pr.addr.Addr(), DstIP: target.Addr(), DstPort: target.Port()}
 	if d := authorize(snap, dstW, conn); !d.Allow {
@@ -131,6 +137,11 @@ func (p *Proxy) handlePlaintext(ps *podServer, c *net.TCPConn) {
 	rec := &accessRecord{direction: "inbound", dst: dstW, dstIdentity: dstW.Identity().String(), client: client, orig: target, start: start}
 	rec.src, _ = snap.WorkloadByIP(client.Addr())
 	defer func() { p.logAccess(rec) }()
+	if ownPort(target.Port()) {
+		rec.err = fmt.Errorf("port %d is ztunnel's own", target.Port())
+		c.SetLinger(0)
+		return
+	}
 	pw := policy.Workload{Namespace: dstW.Namespace, Labels: dstW.Labels}
 	if mode := snap.Policy.Mode(pw, target.Port()); !mode.AllowsPlaintext() {
 		rec.err, rec.denied = fmt.Errorf("plaintext refused: PeerAuthentication mode is %s for port %d", mode, target.Port()), true
@@ -160,7 +171,7 @@ func (p *Proxy) handlePlaintext(ps *podServer, c *net.TCPConn) {
 // otherwise it returns at once and calls done when the connection has ended.
 func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser, app *net.TCPConn, conn policy.Conn, labels connLabels, done func()) {
 	var once sync.Once
-	remove := p.conns.add(&tracked{
+	t := &tracked{
 		pod: ps.uid,
 		check: func() (bool, string) {
 			snap := p.cfg.Store.Load()
@@ -174,7 +185,13 @@ func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser
 				app.Close()
 			})
 		},
-	})
+	}
+	remove := p.conns.add(t)
+	// The connection was authorized before it was registered: a policy change in
+	// between did not see it. Check it against the config of now.
+	if ok, reason := t.check(); !ok {
+		t.close(reason)
+	}
 	cc := p.cfg.Metrics.counters(labels)
 	sent, received := &counter{}, &counter{}
 	if cc != nil {
@@ -198,6 +215,16 @@ func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser
 		return
 	}
 	pipeDetached(client, app, received, sent, finish)
+}
+
+// ownPort reports whether port is one of ztunnel's listeners in the pod: delivering a
+// connection there would loop it back into ztunnel, a connection more per hop.
+func ownPort(port uint16) bool {
+	switch port {
+	case bpf.DefaultOutboundPort, bpf.DefaultInboundPort, bpf.DefaultHBONEPort:
+		return true
+	}
+	return false
 }
 
 // authorize applies the snapshot's policies (a snapshot without a policy set denies:
