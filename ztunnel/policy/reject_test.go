@@ -349,6 +349,15 @@ rules:
 			denied(webWorkload, conn("baz/web", "10.0.0.1", 80), "foo/d"),
 			allowed(barDB, conn("baz/web", "10.0.0.1", 80), ""),
 		}},
+		{"misspelt DENY with empty targetRefs is not taken for a waypoint's", ap("d", `
+targetRefs: []
+action: DENY
+rules:
+- from:
+  - source:
+      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
+			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
+		}},
 		{"unreadable waypoint policy is still the waypoint's", ap("w", `
 targetRefs:
 - kind: Service

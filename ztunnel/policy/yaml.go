@@ -140,7 +140,9 @@ func looseAuthzSpec(raw json.RawMessage) *securityv1beta1.AuthorizationPolicy {
 		}
 	}
 	for _, k := range []string{"targetRef", "targetRefs"} {
-		if v, ok := fields[k]; ok && !bytes.Equal(bytes.TrimSpace(v), []byte("null")) {
+		switch v := string(bytes.TrimSpace(fields[k])); v {
+		case "", "null", "[]", "{}":
+		default:
 			spec.TargetRefs = []*typev1beta1.PolicyTargetReference{{}}
 		}
 	}
