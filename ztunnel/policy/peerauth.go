@@ -28,11 +28,18 @@ type peerPolicy struct {
 	selector map[string]string // nil for mesh and namespace level
 	mode     mtlsMode
 	ports    map[uint16]mtlsMode
+	rejected bool // failed validation: enforced as STRICT
 }
 
 // older orders policies of one level as Istio does: the oldest wins; namespace/name
-// breaks ties and orders policies without a timestamp.
+// breaks ties and orders policies without a timestamp. A rejected policy comes first
+// whatever its age: being STRICT where a valid one would have been weaker is what fails
+// closed (one whose selector could not be read was widened to its namespace, and must
+// not lose to the namespace's own policy).
 func older(a, b *peerPolicy) bool {
+	if a.rejected != b.rejected {
+		return a.rejected
+	}
 	if !a.created.Equal(b.created) {
 		return a.created.Before(b.created)
 	}
@@ -76,7 +83,7 @@ func compilePeer(root string, pas []PeerAuthentication) (peerLevels, []error, []
 			if ns == root {
 				level = "mesh-wide"
 			}
-			notes = append(notes, fmt.Sprintf("PeerAuthentication: %d %s policies (%s); only %s applies (the oldest, then by name, as in Istio)",
+			notes = append(notes, fmt.Sprintf("PeerAuthentication: %d %s policies (%s); only %s applies (a rejected one, else the oldest, then by name, as in Istio)",
 				len(cands), level, strings.Join(keys, ", "), cands[0].key))
 		}
 		if ns == root {
@@ -134,7 +141,7 @@ func compileOnePeer(root string, pa PeerAuthentication) (*peerPolicy, []error, [
 		}
 	}
 	if len(ck.errs) > 0 {
-		p.mode, p.ports = mtlsStrict, nil
+		p.mode, p.ports, p.rejected = mtlsStrict, nil, true
 		return p, ck.finish(effectStrict), nil
 	}
 	if p.mode == mtlsDisable || hasMode(p.ports, mtlsDisable) {

@@ -196,6 +196,16 @@ mtls:
   mode: PERMISSIVE`), "wildcard not allowed", []modeCheck{
 			{dbWorkload, 80, ModeStrict}, {webWorkload, 80, ModeStrict},
 		}},
+		{"widened to its namespace, it beats the namespace's own older policy", paIn("foo", "allow-legacy", `
+mtls:
+  mode: PERMISSIVE`) + "\n---\n" + paIn("foo", "db", `
+selector:
+  matchLabels:
+    app: "*"
+mtls:
+  mode: STRICT`), "wildcard not allowed", []modeCheck{
+			{dbWorkload, 80, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
