@@ -39,8 +39,9 @@ type LocalConfig struct {
 }
 
 // ParseLocalConfig builds a snapshot from a local config file's contents. A file that
-// cannot be read as a whole, or a policy whose kind or name cannot be read, is an error:
-// the caller keeps its previous snapshot, because dropping a policy could open access.
+// cannot be read as a whole, a policy whose kind or name cannot be read, or a workload or
+// service that is invalid is an error: the caller keeps its previous snapshot, because
+// dropping a policy could open access and dropping a workload would send it plain TCP.
 // Problems confined to one entry (an invalid policy field, a clashing address) are
 // returned as warnings; the snapshot then enforces what the policy package documents for
 // rejected policies (fail closed) and leaves out clashing entries.
@@ -67,6 +68,9 @@ func ParseLocalConfig(version uint64, data []byte) (*Snapshot, []error, error) {
 		if err := addPolicy(meta.Kind, raw, where, &authz, &peer); err != nil {
 			return nil, nil, err
 		}
+	}
+	if err := checkEntries(cfg.Workloads, cfg.Services); err != nil {
+		return nil, nil, fmt.Errorf("local config: %w", err)
 	}
 	set, warnings := policy.Compile(cfg.RootNamespace, authz, peer)
 	snap, errs := NewSnapshot(version, cfg.TrustDomain, cfg.Workloads, cfg.Services, set)

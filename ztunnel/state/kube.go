@@ -36,22 +36,19 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 		case "Pod":
 			var p kubePod
 			if err := json.Unmarshal(d.JSON, &p); err != nil {
-				warnings = append(warnings, fmt.Errorf("%s: Pod ignored: %w", d.Where, err))
-				continue
+				return nil, nil, unreadable(d.Where, "Pod", err)
 			}
 			pods = append(pods, &p)
 		case "Namespace":
 			var n kubeNamespace
 			if err := json.Unmarshal(d.JSON, &n); err != nil {
-				warnings = append(warnings, fmt.Errorf("%s: Namespace ignored: %w", d.Where, err))
-				continue
+				return nil, nil, unreadable(d.Where, "Namespace", err)
 			}
 			nss[n.Name] = &n
 		case "Service":
 			var s kubeService
 			if err := json.Unmarshal(d.JSON, &s); err != nil {
-				warnings = append(warnings, fmt.Errorf("%s: Service ignored: %w", d.Where, err))
-				continue
+				return nil, nil, unreadable(d.Where, "Service", err)
 			}
 			svcs = append(svcs, &s)
 		case "AuthorizationPolicy", "PeerAuthentication":
@@ -63,9 +60,19 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 	ws := workloadsFromPods(pods, nss)
 	ss, serr := servicesFromKube(svcs)
 	warnings = append(warnings, serr...)
+	if err := checkEntries(ws, ss); err != nil {
+		return nil, nil, err
+	}
 	set, perr := policy.Compile(rootNamespace(nss), authz, peer)
 	snap, errs := NewSnapshot(version, "", ws, ss, set)
 	return snap, append(append(warnings, perr...), errs...), nil
+}
+
+// unreadable is the error for a Pod, Namespace or Service that does not decode. The
+// whole directory waits for it: without the object a meshed pod would be reached in plain
+// TCP (a pod not known, or its namespace not known to be ambient).
+func unreadable(where, kind string, err error) error {
+	return fmt.Errorf("%s: %s: %w (nothing in the directory applies until it is fixed: a pod left out would be reached in plain TCP)", where, kind, err)
 }
 
 // readManifests reads dir's manifests, all or nothing: a file that does not parse might

@@ -118,12 +118,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: done, namespace: shop, uid: u-done}
 status: {podIP: 10.244.0.7, phase: Succeeded}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: typo, namespace: shop, uid: u-typo}
-spec: {hostNetwork: "yes"}
-status: {podIP: 10.244.0.8, phase: Running}
+
 ---
 apiVersion: v1
 kind: Pod
@@ -152,12 +147,12 @@ spec: {clusterIP: None, ports: [{port: 80}]}
 		t.Fatal(err)
 	}
 	joined := fmt.Sprint(warnings)
-	for _, want := range []string{"odd.yaml#3: Pod ignored", `named targetPort "http"`, "port 70000", "between 1 and 65535"} {
+	for _, want := range []string{`named targetPort "http"`, "port 70000", "between 1 and 65535"} {
 		if !strings.Contains(joined, want) {
 			t.Errorf("warnings %q lack %q", joined, want)
 		}
 	}
-	for _, uid := range []string{"u-host", "u-done", "u-typo"} {
+	for _, uid := range []string{"u-host", "u-done"} {
 		if _, ok := snap.WorkloadByUID(uid); ok {
 			t.Errorf("%s became a workload", uid)
 		}
@@ -195,4 +190,42 @@ func TestParseDirRefusesWhatItCannotRead(t *testing.T) {
 	if _, _, err := ParseDir(1, filepath.Join(dir, "missing")); err == nil {
 		t.Error("ParseDir of a missing directory gave a config")
 	}
+}
+
+// A Pod, Namespace or Service that does not decode, or a workload that is invalid, keeps
+// the whole config from applying: left out, a meshed pod would be reached in plain TCP.
+func TestConfigWithAnUnreadableEntryIsRefused(t *testing.T) {
+	for _, tc := range []struct{ name, manifest, want string }{
+		{"pod", `apiVersion: v1
+kind: Pod
+metadata: {name: typo, namespace: shop, uid: u-typo}
+spec: {hostNetwork: "yes"}
+status: {podIP: 10.244.0.8, phase: Running}`, "Pod: json: cannot unmarshal"},
+		{"namespace", `apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, tier: 1}}`, "Namespace: json: cannot unmarshal number"},
+		{"service", `apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.30, ports: [{port: "eighty"}]}`, "Service: "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			os.WriteFile(filepath.Join(dir, "shop.yaml"), []byte(tc.manifest), 0o644)
+			_, _, err := ParseDir(1, dir)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "plain TCP") {
+				t.Errorf("err = %v, want one containing %q that says why nothing applies", err, tc.want)
+			}
+		})
+	}
+	t.Run("local config workload", func(t *testing.T) {
+		_, _, err := ParseLocalConfig(1, []byte(`
+workloads:
+- {uid: u-a, name: a, namespace: mesh, ips: [10.244.0.2], protocol: hbone}
+- {uid: u-b, name: b, namespace: mesh, ips: [10.244.1.2]}
+`))
+		if err == nil || !strings.Contains(err.Error(), `workload mesh/a: protocol "hbone" is not HBONE or TCP`) {
+			t.Errorf("err = %v", err)
+		}
+	})
 }

@@ -1,6 +1,7 @@
 package state
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -106,6 +107,23 @@ func (s *Snapshot) claimIPs(w *Workload) string {
 		}
 	}
 	return ""
+}
+
+// checkEntries refuses a config with a workload or service it cannot use: left out,
+// a meshed workload would be reached in plain TCP, as one outside the mesh is. The
+// caller keeps its previous config until the file is fixed.
+func checkEntries(ws []*Workload, ss []*Service) error {
+	var errs []error
+	for _, w := range ws {
+		errs = append(errs, checkWorkload(w))
+	}
+	for _, svc := range ss {
+		errs = append(errs, checkService(svc))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%w\n(nothing of this config applies until it is fixed: a workload left out would be reached in plain TCP)", err)
+	}
+	return nil
 }
 
 func checkWorkload(w *Workload) error {
