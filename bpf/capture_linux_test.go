@@ -180,6 +180,7 @@ func TestInboundCapture(t *testing.T) {
 	f := newFixture(t, Config{})
 	serveName(f.pod.listen(t, "0.0.0.0:8080"), "app")
 	serveName(f.pod.listen(t, "0.0.0.0:15008"), "hbone")
+	serveName(f.pod.listen(t, "0.0.0.0:15020"), "app-on-15020")
 	inbound := f.pod.listen(t, "0.0.0.0:15006")
 	serveName(inbound, "inbound")
 
@@ -203,6 +204,8 @@ func TestInboundCapture(t *testing.T) {
 		{"8080", "inbound " + peerIP + ":"},
 		{"9090", "inbound " + peerIP + ":"}, // any port, even one nothing listens on
 		{"15008", "hbone " + peerIP + ":"},
+		// ztunnel's metrics port is in the node's netns: in a pod, it is the app's.
+		{"15020", "inbound " + peerIP + ":"},
 	} {
 		got, err := dialPod(tc.port)
 		if err != nil {

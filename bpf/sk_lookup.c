@@ -3,8 +3,8 @@
 /* Inbound capture, attached to each enrolled pod's network namespace.
  *
  * A TCP connection arriving for any pod port is handed to ztunnel's plaintext inbound
- * listener (registered per pod address in inbound_listeners), except ztunnel's own ports
- * (HBONE on 15008 above all), connections from loopback or from the pod's own address,
+ * listener (registered per pod address in inbound_listeners), except HBONE (15008, which
+ * ztunnel serves itself), connections from loopback or from the pod's own address,
  * ztunnel's own connections delivering to the application (filed by sockops.c while they
  * handshake) and connections from the node's own addresses (kubelet probes). If the pod's listener is missing, the connection is dropped: a pod in
  * the mesh never accepts plaintext behind ztunnel's back.

@@ -231,9 +231,12 @@ static __always_inline int is_ztunnel_mark(struct config *cfg, __u32 mark)
 	return cfg->mark != 0 && (mark & cfg->mark_mask) == cfg->mark;
 }
 
+/* is_ztunnel_port: the one pod port inbound capture leaves alone, ztunnel's HBONE
+ * listener. Its admin, metrics and readiness ports live in the node's netns, not the
+ * pod's: in a pod, 15000/15020/15021/15053 are the application's, and leaving them
+ * alone would let plaintext reach it past STRICT and every AuthorizationPolicy (as
+ * Istio's in-pod rules, only 15008 is exempt). */
 static __always_inline int is_ztunnel_port(struct config *cfg, __u16 port)
 {
-	return port == cfg->outbound_port || port == cfg->inbound_port ||
-	       port == cfg->hbone_port || port == cfg->dns_port ||
-	       port == 15000 || port == 15020 || port == 15021;
+	return port == cfg->hbone_port;
 }
