@@ -13,7 +13,7 @@ trustDomain: example.org
 workloads:
 - {uid: u-a, name: a, namespace: mesh, serviceAccount: sa-a, ips: [10.244.0.2], labels: {app: a}}
 - {uid: u-b, name: b, namespace: mesh, serviceAccount: sa-b, ips: [10.244.1.2], labels: {app: b}}
-- {uid: u-dup, name: dup, namespace: mesh, ips: [10.244.1.2]}
+- {uid: u-dup, name: dup, namespace: mesh, ips: [10.244.1.2, "fd00::5"]}
 - {uid: u-old, name: old, namespace: plain, ips: [10.244.0.9], protocol: TCP}
 services:
 - {name: b, namespace: mesh, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
@@ -39,6 +39,9 @@ func TestParseLocalConfig(t *testing.T) {
 	b, ok := snap.WorkloadByIP(netip.MustParseAddr("10.244.1.2"))
 	if !ok || b.Name != "b" {
 		t.Fatalf("10.244.1.2 = %v, want b (the first claim wins)", b)
+	}
+	if dup, ok := snap.WorkloadByIP(netip.MustParseAddr("fd00::5")); !ok || dup.Name != "dup" || dup.Protocol != HBONE {
+		t.Errorf("fd00::5 = %v, want dup: a clash on one address must not make its others unknown (plain TCP)", dup)
 	}
 	if got := b.Identity().String(); got != "spiffe://example.org/ns/mesh/sa/sa-b" {
 		t.Errorf("identity %s", got)

@@ -57,9 +57,23 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 		if w.Protocol == "" {
 			w.Protocol = HBONE
 		}
-		if clash := s.claimIPs(w); clash != "" {
-			errs = append(errs, fmt.Errorf("workload %s: address %s already belongs to %s; ignoring %s", w.Key(), clash, s.byIP[netip.MustParseAddr(clash)].Key(), w.Key()))
+		// The first claim to an address wins. The workload keeps its other addresses:
+		// unknown, they would be reached in plain TCP.
+		free := w.IPs[:0:0]
+		for _, ip := range w.IPs {
+			if owner, ok := s.byIP[ip.Unmap()]; ok {
+				errs = append(errs, fmt.Errorf("workload %s: address %s already belongs to %s; %s is not reachable there", w.Key(), ip.Unmap(), owner.Key(), w.Key()))
+				continue
+			}
+			free = append(free, ip)
+		}
+		if len(free) == 0 {
 			continue
+		}
+		if len(free) < len(w.IPs) {
+			cp := *w
+			cp.IPs = free
+			w = &cp
 		}
 		for _, ip := range w.IPs {
 			s.byIP[ip.Unmap()] = w
@@ -98,15 +112,6 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 		s.endpoints[svc.Key()] = eps
 	}
 	return s, errs
-}
-
-func (s *Snapshot) claimIPs(w *Workload) string {
-	for _, ip := range w.IPs {
-		if _, ok := s.byIP[ip.Unmap()]; ok {
-			return ip.Unmap().String()
-		}
-	}
-	return ""
 }
 
 // checkEntries refuses a config with a workload or service it cannot use: left out,
