@@ -147,6 +147,24 @@ func TestOutboundCapture(t *testing.T) {
 			}
 		})
 	}
+	// nginx's proxy_bind, curl --interface, Java's Socket(host, port, localAddr, 0): the
+	// captured connection then reaches 15001 on loopback from the pod's address, which
+	// inbound capture (sk_lookup) must leave alone.
+	t.Run("application bound to its pod address", func(t *testing.T) {
+		var c net.Conn
+		err := f.pod.do(func() (err error) {
+			d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(podIP)}}
+			c, err = d.Dial("tcp4", peerIP+":8080")
+			return err
+		})
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer c.Close()
+		if got := readLine(t, c); !strings.HasPrefix(got, "proxy "+peerIP+":8080") {
+			t.Errorf("got %q, want the proxy", got)
+		}
+	})
 }
 
 func TestUnenrollRestoresDirect(t *testing.T) {

@@ -31,7 +31,10 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 		  v->local_ip6[1], v->local_ip6[2], v->local_ip6[3]);
 	addr_pick(&remote, ctx->family == AF_INET, v->remote_ip4, v->remote_ip6[0],
 		  v->remote_ip6[1], v->remote_ip6[2], v->remote_ip6[3]);
-	if (addr_is_loopback(&remote) || addr_equal(&local, &remote))
+	/* To loopback (127/8, ::1) only the pod itself connects: among others, captured
+	 * outbound connections to ztunnel's 15001 from an application that bound its pod
+	 * address first. */
+	if (addr_is_loopback(&local) || addr_is_loopback(&remote) || addr_equal(&local, &remote))
 		return SK_PASS;
 	if (bpf_map_lookup_elem(&host_addrs, &remote))
 		return SK_PASS;
