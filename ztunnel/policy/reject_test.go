@@ -358,6 +358,33 @@ rules:
       notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
 			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
 		}},
+		{"misspelt DENY with a null targetRef in targetRefs is not taken for a waypoint's", ap("d", `
+targetRefs: [null]
+action: DENY
+rules:
+- from:
+  - source:
+      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
+			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
+		}},
+		{"misspelt DENY with targetRefs without kind and name is not taken for a waypoint's", ap("d", `
+targetRefs: [{}]
+action: DENY
+rules:
+- from:
+  - source:
+      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
+			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
+		}},
+		{"misspelt DENY with a targetRef without a name is not taken for a waypoint's", ap("d", `
+targetRef: {kind: Service, name: ""}
+action: DENY
+rules:
+- from:
+  - source:
+      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
+			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
+		}},
 		{"unreadable waypoint policy is still the waypoint's", ap("w", `
 targetRefs:
 - kind: Service

@@ -139,14 +139,36 @@ func looseAuthzSpec(raw json.RawMessage) *securityv1beta1.AuthorizationPolicy {
 			}
 		}
 	}
-	for _, k := range []string{"targetRef", "targetRefs"} {
-		switch v := string(bytes.TrimSpace(fields[k])); v {
-		case "", "null", "[]", "{}":
-		default:
-			spec.TargetRefs = []*typev1beta1.PolicyTargetReference{{}}
-		}
+	if namesTarget(fields["targetRef"], false) || namesTarget(fields["targetRefs"], true) {
+		spec.TargetRefs = []*typev1beta1.PolicyTargetReference{{}}
 	}
 	return spec
+}
+
+// namesTarget reports whether raw, a targetRef (or with list a targetRefs array), names
+// at least one target by kind and name. Only then is an unreadable policy taken for a
+// waypoint's: an empty or half-written reference ("targetRefs: [-]" from a template)
+// must not make a DENY vanish.
+func namesTarget(raw json.RawMessage, list bool) bool {
+	type ref struct{ Kind, Name string }
+	var refs []ref
+	if list {
+		if json.Unmarshal(raw, &refs) != nil {
+			return false
+		}
+	} else {
+		var r ref
+		if json.Unmarshal(raw, &r) != nil {
+			return false
+		}
+		refs = []ref{r}
+	}
+	for _, r := range refs {
+		if r.Kind != "" && r.Name != "" {
+			return true
+		}
+	}
+	return false
 }
 
 func looseSelector(raw json.RawMessage) *typev1beta1.WorkloadSelector {
