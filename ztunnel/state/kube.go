@@ -57,9 +57,12 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 			}
 		}
 	}
-	ws := workloadsFromPods(pods, nss)
-	ss, serr := servicesFromKube(svcs)
+	ws, wbad := workloadsFromPods(pods, nss)
+	ss, serr, sbad := servicesFromKube(svcs)
 	warnings = append(warnings, serr...)
+	if err := errors.Join(append(wbad, sbad...)...); err != nil {
+		return nil, nil, fmt.Errorf("%w\n(nothing in the directory applies until it is fixed: a pod or service left out would be reached in plain TCP)", err)
+	}
 	if err := checkEntries(ws, ss); err != nil {
 		return nil, nil, err
 	}
@@ -99,22 +102,24 @@ func readManifests(dir string) ([]manifest.Doc, error) {
 // rootNamespace is istio-system: Istio's default, which local mode keeps.
 func rootNamespace(map[string]*kubeNamespace) string { return policy.DefaultRootNamespace }
 
-func workloadsFromPods(pods []*kubePod, nss map[string]*kubeNamespace) []*Workload {
-	var out []*Workload
+// workloadsFromPods returns the workloads of running pods, and an error for each pod
+// whose addresses cannot be read.
+func workloadsFromPods(pods []*kubePod, nss map[string]*kubeNamespace) (out []*Workload, bad []error) {
 	for _, p := range pods {
 		if p.Spec.HostNetwork || p.Status.Phase == "Succeeded" || p.Status.Phase == "Failed" {
 			continue
 		}
-		var ips []netip.Addr
-		for _, ip := range p.Status.PodIPs {
-			if a, err := netip.ParseAddr(ip.IP); err == nil {
-				ips = append(ips, a)
+		strs := []string{p.Status.PodIP}
+		if len(p.Status.PodIPs) > 0 {
+			strs = strs[:0]
+			for _, ip := range p.Status.PodIPs {
+				strs = append(strs, ip.IP)
 			}
 		}
-		if len(ips) == 0 {
-			if a, err := netip.ParseAddr(p.Status.PodIP); err == nil {
-				ips = append(ips, a)
-			}
+		ips, err := parseIPs(strs)
+		if err != nil {
+			bad = append(bad, fmt.Errorf("pod %s/%s: status.podIPs: %w", p.Namespace, p.Name, err))
+			continue
 		}
 		if len(ips) == 0 {
 			continue // not started yet
@@ -138,14 +143,30 @@ func workloadsFromPods(pods []*kubePod, nss map[string]*kubeNamespace) []*Worklo
 			WorkloadName: workload.Name(wp), CanonicalName: workload.CanonicalService(wp), CanonicalRevision: workload.CanonicalRevision(wp),
 		})
 	}
-	return out
+	return out, bad
 }
 
-func servicesFromKube(svcs []*kubeService) ([]*Service, []error) {
-	var (
-		out  []*Service
-		errs []error
-	)
+// parseIPs reads the addresses of a pod or service; "" and "None" (headless) are none.
+// An address that does not parse is an error: the object left out would be reached in
+// plain TCP.
+func parseIPs(strs []string) ([]netip.Addr, error) {
+	var out []netip.Addr
+	for _, s := range strs {
+		if s == "" || s == "None" {
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, a)
+	}
+	return out, nil
+}
+
+// servicesFromKube returns the services with a cluster address, warnings for the ports
+// it leaves out, and an error for each service whose addresses cannot be read.
+func servicesFromKube(svcs []*kubeService) (out []*Service, errs, bad []error) {
 	for _, s := range svcs {
 		ns := s.Namespace
 		if ns == "" {
@@ -156,11 +177,12 @@ func servicesFromKube(svcs []*kubeService) ([]*Service, []error) {
 		if len(ips) == 0 && s.Spec.ClusterIP != "" {
 			ips = []string{s.Spec.ClusterIP}
 		}
-		for _, ip := range ips {
-			if a, err := netip.ParseAddr(ip); err == nil {
-				svc.VIPs = append(svc.VIPs, a)
-			}
+		vips, err := parseIPs(ips)
+		if err != nil {
+			bad = append(bad, fmt.Errorf("service %s/%s: spec.clusterIPs: %w", ns, s.Name, err))
+			continue
 		}
+		svc.VIPs = vips
 		if len(svc.VIPs) == 0 {
 			continue // headless: clients reach pods by their own addresses
 		}
@@ -182,5 +204,5 @@ func servicesFromKube(svcs []*kubeService) ([]*Service, []error) {
 		}
 		out = append(out, svc)
 	}
-	return out, errs
+	return out, errs, bad
 }

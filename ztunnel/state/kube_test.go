@@ -208,6 +208,14 @@ metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, tier: 1}}`, "N
 kind: Service
 metadata: {name: web, namespace: shop}
 spec: {clusterIP: 10.96.0.30, ports: [{port: "eighty"}]}`, "Service: "},
+		{"pod address", `apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u-web}
+status: {podIP: 10.244.0.07, phase: Running}`, "pod shop/web: status.podIPs"},
+		{"service address", `apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}`, "service shop/web: spec.clusterIPs"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
