@@ -16,7 +16,7 @@ import (
 func TestServedPodIdentity(t *testing.T) {
 	ip := netip.MustParseAddr("10.244.0.7")
 	db := &state.Workload{UID: "u1", Name: "db", Namespace: "prod", ServiceAccount: "db", IPs: []netip.Addr{ip}, Protocol: state.HBONE}
-	byIPOnly := &state.Workload{Name: "db", Namespace: "prod", ServiceAccount: "db", IPs: []netip.Addr{ip}, Protocol: state.HBONE}
+	byIPOnly := &state.Workload{Name: "db", Namespace: "prod", ServiceAccount: "db", IPs: []netip.Addr{ip}, Labels: map[string]string{"app": "db"}, Protocol: state.HBONE}
 	for _, tc := range []struct {
 		name   string
 		config *state.Workload
@@ -32,6 +32,12 @@ func TestServedPodIdentity(t *testing.T) {
 			"spiffe://cluster.local/ns/prod/sa/db"},
 		{"config without UIDs, agent disagrees", byIPOnly, "u2", zds.Workload{Name: "evil", Namespace: "dev", ServiceAccount: "evil"},
 			"spiffe://cluster.local/ns/dev/sa/evil"},
+		{"config without UIDs, another pod of the same namespace and account", byIPOnly, "u2",
+			zds.Workload{Name: "db-2", Namespace: "prod", ServiceAccount: "db", Labels: map[string]string{"app": "db-2"}},
+			"spiffe://cluster.local/ns/prod/sa/db"},
+		{"config without a service account means default", &state.Workload{Name: "web", Namespace: "prod", IPs: []netip.Addr{ip}, Labels: map[string]string{"app": "web"}, Protocol: state.HBONE},
+			"u3", zds.Workload{Name: "web", Namespace: "prod", ServiceAccount: "default"},
+			"spiffe://cluster.local/ns/prod/sa/default"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			snap, errs := state.NewSnapshot(1, "cluster.local", []*state.Workload{tc.config}, nil, &policy.Set{})
@@ -39,8 +45,15 @@ func TestServedPodIdentity(t *testing.T) {
 				t.Fatal(errs)
 			}
 			ps := &podServer{uid: tc.uid, info: tc.agent, ips: []netip.Addr{ip}}
-			if got := ps.workload(snap).Identity().String(); got != tc.want {
+			w := ps.workload(snap)
+			if got := w.Identity().String(); got != tc.want {
 				t.Errorf("identity %s, want %s", got, tc.want)
+			}
+			if want := tc.agent.Name; want != "" && w.Name != want {
+				t.Errorf("served as workload %q (labels %v), want %q: the pod took another's entry", w.Name, w.Labels, want)
+			}
+			if tc.config.Name == w.Name && w.Labels["app"] != tc.config.Labels["app"] {
+				t.Errorf("labels %v, want the config's %v: its entry was not used", w.Labels, tc.config.Labels)
 			}
 		})
 	}

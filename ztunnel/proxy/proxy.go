@@ -149,13 +149,24 @@ func (ps *podServer) workload(snap *state.Snapshot) *state.Workload {
 		Protocol: state.HBONE, TrustDomain: snap.TrustDomain}
 }
 
-// sameWorkload reports whether w, found by one of the pod's addresses, can be this pod.
+// sameWorkload reports whether w, found by one of the pod's addresses, can be this pod:
+// the same UID, or without one in the config the same name, namespace and service
+// account as the node agent reports (a pod that reused a stale entry's address must not
+// take its identity, nor its labels and with them its policies).
 func (ps *podServer) sameWorkload(w *state.Workload) bool {
 	if w.UID != "" {
 		return w.UID == ps.uid
 	}
-	return (ps.info.Namespace == "" || w.Namespace == ps.info.Namespace) &&
-		(ps.info.ServiceAccount == "" || w.ServiceAccount == ps.info.ServiceAccount)
+	agrees := func(config, agent string) bool { return agent == "" || config == agent }
+	return agrees(w.Name, ps.info.Name) && agrees(w.Namespace, ps.info.Namespace) &&
+		agrees(orDefaultSA(w.ServiceAccount), orDefaultSA(ps.info.ServiceAccount))
+}
+
+func orDefaultSA(sa string) string {
+	if sa == "" {
+		return "default"
+	}
+	return sa
 }
 
 func (ps *podServer) owns(a netip.Addr) bool {
