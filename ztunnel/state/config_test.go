@@ -17,6 +17,7 @@ workloads:
 - {uid: u-old, name: old, namespace: plain, ips: [10.244.0.9], protocol: TCP}
 services:
 - {name: b, namespace: mesh, vips: [10.96.0.10], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
+- {name: b2, namespace: mesh, vips: [10.96.0.10, "fd00::10"], ports: [{port: 80, targetPort: 8080}], selector: {app: b}}
 policies:
 - apiVersion: security.istio.io/v1
   kind: AuthorizationPolicy
@@ -33,8 +34,11 @@ func TestParseLocalConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(warnings) != 1 || !strings.Contains(warnings[0].Error(), "already belongs to mesh/b") {
-		t.Errorf("warnings = %v, want one about the duplicate address", warnings)
+	if len(warnings) != 2 || !strings.Contains(warnings[0].Error(), "already belongs to mesh/b") || !strings.Contains(warnings[1].Error(), "VIP 10.96.0.10 already belongs to mesh/b") {
+		t.Errorf("warnings = %v, want one about the duplicate address and one about the duplicate VIP", warnings)
+	}
+	if b2, ok := snap.ServiceByVIP(netip.MustParseAddr("fd00::10")); !ok || b2.Name != "b2" {
+		t.Errorf("fd00::10 = %v, want b2: a clash on one VIP must not make its others unknown (plain TCP)", b2)
 	}
 	b, ok := snap.WorkloadByIP(netip.MustParseAddr("10.244.1.2"))
 	if !ok || b.Name != "b" {

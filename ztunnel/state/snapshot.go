@@ -88,15 +88,22 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 			errs = append(errs, err)
 			continue
 		}
-		clash := ""
+		// As for workloads: the first claim wins, and the service keeps its other VIPs.
+		free := svc.VIPs[:0:0]
 		for _, vip := range svc.VIPs {
-			if _, ok := s.byVIP[vip.Unmap()]; ok {
-				clash = vip.String()
+			if owner, ok := s.byVIP[vip.Unmap()]; ok {
+				errs = append(errs, fmt.Errorf("service %s: VIP %s already belongs to %s; %s is not reachable there", svc.Key(), vip.Unmap(), owner.Key(), svc.Key()))
+				continue
 			}
+			free = append(free, vip)
 		}
-		if clash != "" {
-			errs = append(errs, fmt.Errorf("service %s: VIP %s already belongs to another service; ignoring %s", svc.Key(), clash, svc.Key()))
+		if len(free) == 0 {
 			continue
+		}
+		if len(free) < len(svc.VIPs) {
+			cp := *svc
+			cp.VIPs = free
+			svc = &cp
 		}
 		for _, vip := range svc.VIPs {
 			s.byVIP[vip.Unmap()] = svc
