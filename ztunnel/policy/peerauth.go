@@ -116,6 +116,12 @@ func compileOnePeer(root string, pa PeerAuthentication) (*peerPolicy, []error, [
 		spec = &securityv1beta1.PeerAuthentication{}
 	}
 	p := &peerPolicy{key: ck.key(), ns: pa.Namespace, created: pa.CreationTimestamp, selector: checkSelector(ck, spec.GetSelector())}
+	if p.selector == nil && len(spec.GetSelector().GetMatchLabels()) > 0 {
+		// A workload-level policy whose selector cannot be read covers its whole
+		// namespace, still at workload level (an empty selector matches every pod), so
+		// that no valid workload-level policy there weakens it: it comes first there.
+		p.selector = map[string]string{}
+	}
 	if p.ns == "" {
 		p.ns, p.selector = root, nil // it cannot be scoped: fail closed mesh-wide
 	}

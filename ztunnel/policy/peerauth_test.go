@@ -196,6 +196,22 @@ mtls:
   mode: PERMISSIVE`), "wildcard not allowed", []modeCheck{
 			{dbWorkload, 80, ModeStrict}, {webWorkload, 80, ModeStrict},
 		}},
+		{"widened to its namespace, it beats the workload-level policies there", paIn("foo", "db-legacy", `
+selector:
+  matchLabels:
+    app: db
+mtls:
+  mode: PERMISSIVE
+portLevelMtls:
+  8080:
+    mode: DISABLE`) + "\n---\n" + paIn("foo", "strict-all", `
+selector:
+  matchLabels:
+    app: "*"
+mtls:
+  mode: STRICT`), "wildcard not allowed", []modeCheck{
+			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
+		}},
 		{"widened to its namespace, it beats the namespace's own older policy", paIn("foo", "allow-legacy", `
 mtls:
   mode: PERMISSIVE`) + "\n---\n" + paIn("foo", "db", `
