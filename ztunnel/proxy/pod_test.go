@@ -5,6 +5,7 @@ import (
 	"testing"
 
 	"github.com/sluicemesh/sluice/cni/zds"
+	"github.com/sluicemesh/sluice/ztunnel/identity"
 	"github.com/sluicemesh/sluice/ztunnel/policy"
 	"github.com/sluicemesh/sluice/ztunnel/state"
 )
@@ -56,5 +57,52 @@ func TestServedPodIdentity(t *testing.T) {
 				t.Errorf("labels %v, want the config's %v: its entry was not used", w.Labels, tc.config.Labels)
 			}
 		})
+	}
+}
+
+// ztunnel asks for a certificate for each identity its pods have, follows config changes,
+// and lets go of identities no pod has any more.
+func TestServedIdentitiesFollowPodsAndConfig(t *testing.T) {
+	config := func(version uint64, bSA string) *state.Snapshot {
+		snap, errs := state.NewSnapshot(version, "cluster.local", []*state.Workload{
+			{UID: "u-b", Name: "b", Namespace: "mesh", ServiceAccount: bSA, IPs: []netip.Addr{netip.MustParseAddr("10.244.0.2")}},
+			{UID: "u-c", Name: "c", Namespace: "mesh", ServiceAccount: "sa-c", IPs: []netip.Addr{netip.MustParseAddr("10.244.0.3")}},
+		}, nil, &policy.Set{})
+		if len(errs) > 0 {
+			t.Fatal(errs)
+		}
+		return snap
+	}
+	store := &state.Store{}
+	store.Replace(config(1, "sa-b"))
+	ids := &identity.Manager{}
+	p := New(Config{Store: store, Identity: ids})
+	wanted := func() map[string]bool {
+		out := map[string]bool{}
+		for _, c := range ids.Snapshot() {
+			out[c.Identity.String()] = !c.Forgotten
+		}
+		return out
+	}
+	id := func(sa string) string { return "spiffe://cluster.local/ns/mesh/sa/" + sa }
+
+	p.mu.Lock()
+	p.pods["u-b"] = &podServer{uid: "u-b"}
+	p.pods["u-c"] = &podServer{uid: "u-c"}
+	p.mu.Unlock()
+	p.syncIdentities()
+	if w := wanted(); !w[id("sa-b")] || !w[id("sa-c")] {
+		t.Fatalf("wanted %v, want sa-b and sa-c", w)
+	}
+	p.mu.Lock()
+	delete(p.pods, "u-c")
+	p.mu.Unlock()
+	p.syncIdentities()
+	if w := wanted(); !w[id("sa-b")] || w[id("sa-c")] {
+		t.Fatalf("after c left: wanted %v, want sa-b only", w)
+	}
+	store.Replace(config(2, "sa-b2")) // the config gives b another service account
+	if w := wanted(); !w[id("sa-b2")] || w[id("sa-b")] {
+		t.Fatalf("after the config change: wanted %v, want sa-b2 only", w)
 	}
 }

@@ -13,10 +13,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -60,6 +62,9 @@ type Proxy struct {
 	pods   map[string]*podServer
 	closed bool
 
+	idMu   sync.Mutex
+	wanted map[spiffe.ID]bool // the identities syncIdentities asked for
+
 	conns  registry
 	active sync.WaitGroup
 
@@ -89,8 +94,8 @@ func New(cfg Config) *Proxy {
 	p := &Proxy{cfg: cfg, log: cfg.Logger, pods: map[string]*podServer{}}
 	p.draining, p.drainNow = context.WithCancel(context.Background())
 	p.pool = &hbone.Pool{Dial: p.dialHBONE, Logger: cfg.Logger.With("component", "hbone-pool")}
-	cfg.Store.Subscribe(func(_, cur *state.Snapshot) {
-		p.wantIdentities(cur)
+	cfg.Store.Subscribe(func(_, _ *state.Snapshot) {
+		p.syncIdentities()
 		if n := p.conns.reevaluate(); n > 0 {
 			p.log.Info("closed connections a policy change now denies", "count", n)
 		}
@@ -98,18 +103,30 @@ func New(cfg Config) *Proxy {
 	return p
 }
 
-// wantIdentities asks for the certificate of every served pod's identity in snap: a
-// config change can give a pod the identity it lacked when it was added.
-func (p *Proxy) wantIdentities(snap *state.Snapshot) {
+// syncIdentities asks for the certificate of every identity a served pod has in the
+// current config, and lets go of those no served pod has any more (the identity manager
+// keeps them for its grace period, then stops renewing them). It runs when a pod is
+// added or deleted and when the config changes: a change can give a pod the identity it
+// lacked when it was added.
+func (p *Proxy) syncIdentities() {
+	p.idMu.Lock()
+	defer p.idMu.Unlock()
+	snap := p.cfg.Store.Load() // the latest, whichever call comes last
 	p.mu.Lock()
-	pods := make([]*podServer, 0, len(p.pods))
-	for _, ps := range p.pods {
-		pods = append(pods, ps)
-	}
+	pods := slices.Collect(maps.Values(p.pods))
 	p.mu.Unlock()
+	now := make(map[spiffe.ID]bool, len(pods))
 	for _, ps := range pods {
-		p.cfg.Identity.Want(ps.workload(snap).Identity())
+		id := ps.workload(snap).Identity()
+		now[id] = true
+		p.cfg.Identity.Want(id)
 	}
+	for id := range p.wanted {
+		if !now[id] {
+			p.cfg.Identity.Forget(id)
+		}
+	}
+	p.wanted = now
 }
 
 func randomPick(n int) int {
@@ -203,7 +220,7 @@ func (p *Proxy) Add(uid string, w zds.Workload, netns *os.File) error {
 	if old != nil {
 		old.close(p.cfg.PinDir)
 	}
-	p.cfg.Identity.Want(ps.workload(p.cfg.Store.Load()).Identity())
+	p.syncIdentities()
 	p.log.Info("serving pod", "pod", w.Namespace+"/"+w.Name, "uid", uid, "ips", w.IPs)
 	return nil
 }
@@ -301,6 +318,7 @@ func (p *Proxy) Delete(uid string) error {
 	}
 	ps.close(p.cfg.PinDir)
 	p.conns.closePod(uid, "pod removed from ztunnel")
+	p.syncIdentities()
 	p.log.Info("stopped serving pod", "pod", ps.info.Namespace+"/"+ps.info.Name, "uid", uid)
 	return nil
 }
