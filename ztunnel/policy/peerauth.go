@@ -116,10 +116,12 @@ func compileOnePeer(root string, pa PeerAuthentication) (*peerPolicy, []error, [
 		spec = &securityv1beta1.PeerAuthentication{}
 	}
 	p := &peerPolicy{key: ck.key(), ns: pa.Namespace, created: pa.CreationTimestamp, selector: checkSelector(ck, spec.GetSelector())}
-	if p.selector == nil && len(spec.GetSelector().GetMatchLabels()) > 0 {
-		// A workload-level policy whose selector cannot be read covers its whole
-		// namespace, still at workload level (an empty selector matches every pod), so
-		// that no valid workload-level policy there weakens it: it comes first there.
+	sel := spec.GetSelector()
+	if p.selector == nil && pa.Namespace != root && sel != nil && (len(sel.GetMatchLabels()) > 0 || pa.ParseError != nil) {
+		// A workload-level policy whose selector cannot be read (or used) covers its
+		// whole namespace, still at workload level (an empty selector matches every
+		// pod), so that no valid workload-level policy there weakens it: as a rejected
+		// policy it comes first there. (In the root namespace selectors are ignored.)
 		p.selector = map[string]string{}
 	}
 	if p.ns == "" {

@@ -212,6 +212,38 @@ mtls:
   mode: STRICT`), "wildcard not allowed", []modeCheck{
 			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
 		}},
+		{"a selector with an unquoted number beats the workload-level policies there", paIn("foo", "db-legacy", `
+selector:
+  matchLabels:
+    app: db
+mtls:
+  mode: PERMISSIVE
+portLevelMtls:
+  8080:
+    mode: DISABLE`) + "\n---\n" + paIn("foo", "strict-some", `
+selector:
+  matchLabels:
+    version: 2
+mtls:
+  mode: STRICT`), "spec:", []modeCheck{
+			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
+		}},
+		{"a selector with a misspelt matchLabels beats the workload-level policies there", paIn("foo", "db-legacy", `
+selector:
+  matchLabels:
+    app: db
+mtls:
+  mode: PERMISSIVE
+portLevelMtls:
+  8080:
+    mode: DISABLE`) + "\n---\n" + paIn("foo", "strict-some", `
+selector:
+  matchLabel:
+    app: db
+mtls:
+  mode: STRICT`), "unknown field", []modeCheck{
+			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
+		}},
 		{"widened to its namespace, it beats the namespace's own older policy", paIn("foo", "allow-legacy", `
 mtls:
   mode: PERMISSIVE`) + "\n---\n" + paIn("foo", "db", `

@@ -171,14 +171,24 @@ func namesTarget(raw json.RawMessage, list bool) bool {
 	return false
 }
 
+// looseSelector is the selector of a spec that failed to decode: nil without one, its
+// labels if they can be read, and an empty selector if one is there but cannot be read
+// (a workload-level policy, of unknown workloads).
 func looseSelector(raw json.RawMessage) *typev1beta1.WorkloadSelector {
 	var s struct {
-		Selector *struct {
-			MatchLabels map[string]string `json:"matchLabels"`
-		} `json:"selector"`
+		Selector json.RawMessage `json:"selector"`
 	}
-	if json.Unmarshal(raw, &s) != nil || s.Selector == nil {
+	if json.Unmarshal(raw, &s) != nil {
 		return nil
 	}
-	return &typev1beta1.WorkloadSelector{MatchLabels: s.Selector.MatchLabels}
+	if v := bytes.TrimSpace(s.Selector); len(v) == 0 || bytes.Equal(v, []byte("null")) {
+		return nil
+	}
+	var sel struct {
+		MatchLabels map[string]string `json:"matchLabels"`
+	}
+	if json.Unmarshal(s.Selector, &sel) != nil {
+		return &typev1beta1.WorkloadSelector{}
+	}
+	return &typev1beta1.WorkloadSelector{MatchLabels: sel.MatchLabels}
 }
