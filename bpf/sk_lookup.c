@@ -5,9 +5,11 @@
  * A TCP connection arriving for any pod port is handed to ztunnel's plaintext inbound
  * listener (registered per pod address in inbound_listeners), except HBONE (15008, which
  * ztunnel serves itself), connections from loopback or from the pod's own address,
- * ztunnel's own connections delivering to the application (filed by sockops.c while they
- * handshake) and connections from the node's own addresses (kubelet probes). If the pod's listener is missing, the connection is dropped: a pod in
- * the mesh never accepts plaintext behind ztunnel's back.
+ * connections to ztunnel's loopback listeners (outbound 15001, DNS 15053), ztunnel's own
+ * connections delivering to the application (filed by sockops.c while they handshake)
+ * and connections from the node's own addresses (kubelet probes). If the pod's listener
+ * is missing, the connection is dropped: a pod in the mesh never accepts plaintext behind
+ * ztunnel's back.
  */
 #include "include/common.h"
 
@@ -31,10 +33,14 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 		  v->local_ip6[1], v->local_ip6[2], v->local_ip6[3]);
 	addr_pick(&remote, ctx->family == AF_INET, v->remote_ip4, v->remote_ip6[0],
 		  v->remote_ip6[1], v->remote_ip6[2], v->remote_ip6[3]);
-	/* To loopback (127/8, ::1) only the pod itself connects: among others, captured
-	 * outbound connections to ztunnel's 15001 from an application that bound its pod
-	 * address first. */
-	if (addr_is_loopback(&local) || addr_is_loopback(&remote) || addr_equal(&local, &remote))
+	if (addr_is_loopback(&remote) || addr_equal(&local, &remote))
+		return SK_PASS;
+	/* A captured outbound connection (or DNS query) from an application that bound its
+	 * pod address first reaches ztunnel's loopback listener from that address. Only
+	 * those ports: with route_localnet=1 in the pod, a neighbour can reach 127.0.0.1
+	 * from outside, and every other loopback port must stay out of its reach. */
+	if (addr_is_loopback(&local) &&
+	    (ctx->local_port == cfg->outbound_port || ctx->local_port == cfg->dns_port))
 		return SK_PASS;
 	if (bpf_map_lookup_elem(&host_addrs, &remote))
 		return SK_PASS;
