@@ -226,6 +226,15 @@ spec: {clusterIP: 10.96.0.300, ports: [{port: 80}]}`, "service shop/web: spec.cl
 			}
 		})
 	}
+	t.Run("service defined twice", func(t *testing.T) {
+		dir := t.TempDir()
+		svc := "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: %s, selector: {app: %s}, ports: [{port: 80}]}\n"
+		os.WriteFile(filepath.Join(dir, "a.yaml"), []byte(fmt.Sprintf(svc, "10.96.0.10", "db")), 0o644)
+		os.WriteFile(filepath.Join(dir, "b.yaml"), []byte(fmt.Sprintf(svc, "10.96.0.11", "evil")), 0o644)
+		if _, _, err := ParseDir(1, dir); err == nil || !strings.Contains(err.Error(), "service shop/web is defined twice") {
+			t.Errorf("err = %v", err)
+		}
+	})
 	t.Run("local config workload", func(t *testing.T) {
 		_, _, err := ParseLocalConfig(1, []byte(`
 workloads:

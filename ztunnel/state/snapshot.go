@@ -126,11 +126,21 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 // caller keeps its previous config until the file is fixed.
 func checkEntries(ws []*Workload, ss []*Service) error {
 	var errs []error
+	uids := map[string]bool{}
 	for _, w := range ws {
 		errs = append(errs, checkWorkload(w))
+		if w.UID != "" && uids[w.UID] {
+			errs = append(errs, fmt.Errorf("workload %s: uid %q is given twice", w.Key(), w.UID))
+		}
+		uids[w.UID] = true
 	}
+	keys := map[string]bool{}
 	for _, svc := range ss {
 		errs = append(errs, checkService(svc))
+		if keys[svc.Key()] {
+			errs = append(errs, fmt.Errorf("service %s is defined twice; which one is meant cannot be told", svc.Key()))
+		}
+		keys[svc.Key()] = true
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("%w\n(nothing of this config applies until it is fixed: a workload left out would be reached in plain TCP)", err)
