@@ -129,6 +129,18 @@ func (p *Proxy) syncIdentities() {
 	p.wanted = now
 }
 
+// wantEarly asks for id's certificate ahead of syncIdentities, recording it as wanted so
+// that the next sync lets go of it if no served pod has it.
+func (p *Proxy) wantEarly(id spiffe.ID) {
+	p.idMu.Lock()
+	defer p.idMu.Unlock()
+	p.cfg.Identity.Want(id)
+	if p.wanted == nil {
+		p.wanted = map[spiffe.ID]bool{}
+	}
+	p.wanted[id] = true
+}
+
 func randomPick(n int) int {
 	if n <= 1 {
 		return 0
@@ -204,14 +216,20 @@ func (p *Proxy) Add(uid string, w zds.Workload, netns *os.File) error {
 			ps.ips = append(ps.ips, a.Unmap())
 		}
 	}
+	// Ask for the certificate before the listeners open, so that a connection arriving
+	// at once waits for it rather than failing its handshake; syncIdentities below (or
+	// on failure) settles what stays wanted.
+	p.wantEarly(ps.workload(p.cfg.Store.Load()).Identity())
 	if err := p.open(ps); err != nil {
 		ps.close(p.cfg.PinDir)
+		p.syncIdentities()
 		return fmt.Errorf("serve pod %s/%s: %w", w.Namespace, w.Name, err)
 	}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		ps.close(p.cfg.PinDir)
+		p.syncIdentities()
 		return errors.New("ztunnel is shutting down")
 	}
 	old := p.pods[uid]
