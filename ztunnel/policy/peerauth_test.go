@@ -196,54 +196,6 @@ mtls:
   mode: PERMISSIVE`), "wildcard not allowed", []modeCheck{
 			{dbWorkload, 80, ModeStrict}, {webWorkload, 80, ModeStrict},
 		}},
-		{"widened to its namespace, it beats the workload-level policies there", paIn("foo", "db-legacy", `
-selector:
-  matchLabels:
-    app: db
-mtls:
-  mode: PERMISSIVE
-portLevelMtls:
-  8080:
-    mode: DISABLE`) + "\n---\n" + paIn("foo", "strict-all", `
-selector:
-  matchLabels:
-    app: "*"
-mtls:
-  mode: STRICT`), "wildcard not allowed", []modeCheck{
-			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
-		}},
-		{"a selector with an unquoted number beats the workload-level policies there", paIn("foo", "db-legacy", `
-selector:
-  matchLabels:
-    app: db
-mtls:
-  mode: PERMISSIVE
-portLevelMtls:
-  8080:
-    mode: DISABLE`) + "\n---\n" + paIn("foo", "strict-some", `
-selector:
-  matchLabels:
-    version: 2
-mtls:
-  mode: STRICT`), "spec:", []modeCheck{
-			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
-		}},
-		{"a selector with a misspelt matchLabels beats the workload-level policies there", paIn("foo", "db-legacy", `
-selector:
-  matchLabels:
-    app: db
-mtls:
-  mode: PERMISSIVE
-portLevelMtls:
-  8080:
-    mode: DISABLE`) + "\n---\n" + paIn("foo", "strict-some", `
-selector:
-  matchLabel:
-    app: db
-mtls:
-  mode: STRICT`), "unknown field", []modeCheck{
-			{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
-		}},
 		{"widened to its namespace, it beats the namespace's own older policy", paIn("foo", "allow-legacy", `
 mtls:
   mode: PERMISSIVE`) + "\n---\n" + paIn("foo", "db", `
@@ -254,6 +206,32 @@ mtls:
   mode: STRICT`), "wildcard not allowed", []modeCheck{
 			{dbWorkload, 80, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive},
 		}},
+	}
+	// A STRICT policy whose selector cannot be read or used applies, STRICT, to every pod
+	// of its namespace at workload level: a valid workload-level policy there (PERMISSIVE,
+	// with a port-level DISABLE) must not weaken it.
+	dbLegacy := paIn("foo", "db-legacy", `
+selector:
+  matchLabels:
+    app: db
+mtls:
+  mode: PERMISSIVE
+portLevelMtls:
+  8080:
+    mode: DISABLE`)
+	for _, sel := range []struct{ name, selector, err string }{
+		{"a wildcard", "matchLabels:\n    app: \"*\"", "wildcard not allowed"},
+		{"an unquoted number", "matchLabels:\n    version: 2", "spec:"},
+		{"a misspelt matchLabels", "matchLabel:\n    app: db", "unknown field"},
+	} {
+		tests = append(tests, struct {
+			name   string
+			doc    string
+			err    string
+			checks []modeCheck
+		}{"a selector with " + sel.name + " beats the workload-level policies of its namespace",
+			dbLegacy + "\n---\n" + paIn("foo", "strict-some", "selector:\n  "+sel.selector+"\nmtls:\n  mode: STRICT"), sel.err,
+			[]modeCheck{{dbWorkload, 80, ModeStrict}, {dbWorkload, 8080, ModeStrict}, {webWorkload, 80, ModeStrict}, {barDB, 80, ModePermissive}}})
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -349,42 +349,6 @@ rules:
 			denied(webWorkload, conn("baz/web", "10.0.0.1", 80), "foo/d"),
 			allowed(barDB, conn("baz/web", "10.0.0.1", 80), ""),
 		}},
-		{"misspelt DENY with empty targetRefs is not taken for a waypoint's", ap("d", `
-targetRefs: []
-action: DENY
-rules:
-- from:
-  - source:
-      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
-			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
-		}},
-		{"misspelt DENY with a null targetRef in targetRefs is not taken for a waypoint's", ap("d", `
-targetRefs: [null]
-action: DENY
-rules:
-- from:
-  - source:
-      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
-			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
-		}},
-		{"misspelt DENY with targetRefs without kind and name is not taken for a waypoint's", ap("d", `
-targetRefs: [{}]
-action: DENY
-rules:
-- from:
-  - source:
-      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
-			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
-		}},
-		{"misspelt DENY with a targetRef without a name is not taken for a waypoint's", ap("d", `
-targetRef: {kind: Service, name: ""}
-action: DENY
-rules:
-- from:
-  - source:
-      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{
-			denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d"),
-		}},
 		{"unreadable waypoint policy is still the waypoint's", ap("w", `
 targetRefs:
 - kind: Service
@@ -395,6 +359,25 @@ rules:
       port: ["80"]`), "", []check{
 			allowed(dbWorkload, conn("baz/web", "10.0.0.1", 80), ""),
 		}},
+	}
+	// A misspelt DENY is taken for a waypoint's (and left to it) only if it names a target.
+	for name, ref := range map[string]string{
+		"empty targetRefs":                 "targetRefs: []",
+		"a null targetRef in targetRefs":   "targetRefs: [null]",
+		"targetRefs without kind and name": "targetRefs: [{}]",
+		"a targetRef without a name":       `targetRef: {kind: Service, name: ""}`,
+	} {
+		tests = append(tests, struct {
+			name   string
+			doc    string
+			err    string
+			checks []check
+		}{"misspelt DENY with " + name + " is enforced", ap("d", ref+`
+action: DENY
+rules:
+- from:
+  - source:
+      notPrincipal: ["*"]`), `unknown field "notPrincipal"`, []check{denied(dbWorkload, conn("bar/web", "10.0.0.1", 80), "foo/d")}})
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
