@@ -69,7 +69,7 @@ func ParseLocalConfig(version uint64, data []byte) (*Snapshot, []error, error) {
 			return nil, nil, err
 		}
 	}
-	if err := checkEntries(cfg.Workloads, cfg.Services); err != nil {
+	if err := refuse(entryErrors(cfg.Workloads, cfg.Services)...); err != nil {
 		return nil, nil, fmt.Errorf("local config: %w", err)
 	}
 	set, warnings := policy.Compile(cfg.RootNamespace, authz, peer)

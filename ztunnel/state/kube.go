@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"net/netip"
+	"slices"
 	"time"
 
 	"github.com/sluicemesh/sluice/internal/manifest"
@@ -36,19 +37,19 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 		case "Pod":
 			var p kubePod
 			if err := json.Unmarshal(d.JSON, &p); err != nil {
-				return nil, nil, unreadable(d.Where, "Pod", err)
+				return nil, nil, refuse(fmt.Errorf("%s: Pod: %w", d.Where, err))
 			}
 			pods = append(pods, &p)
 		case "Namespace":
 			var n kubeNamespace
 			if err := json.Unmarshal(d.JSON, &n); err != nil {
-				return nil, nil, unreadable(d.Where, "Namespace", err)
+				return nil, nil, refuse(fmt.Errorf("%s: Namespace: %w", d.Where, err))
 			}
 			nss[n.Name] = &n
 		case "Service":
 			var s kubeService
 			if err := json.Unmarshal(d.JSON, &s); err != nil {
-				return nil, nil, unreadable(d.Where, "Service", err)
+				return nil, nil, refuse(fmt.Errorf("%s: Service: %w", d.Where, err))
 			}
 			svcs = append(svcs, &s)
 		case "AuthorizationPolicy", "PeerAuthentication":
@@ -60,22 +61,12 @@ func ParseDir(version uint64, dir string) (*Snapshot, []error, error) {
 	ws, wbad := workloadsFromPods(pods, nss)
 	ss, serr, sbad := servicesFromKube(svcs)
 	warnings = append(warnings, serr...)
-	if err := errors.Join(append(wbad, sbad...)...); err != nil {
-		return nil, nil, fmt.Errorf("%w\n(nothing in the directory applies until it is fixed: a pod or service left out would be reached in plain TCP)", err)
-	}
-	if err := checkEntries(ws, ss); err != nil {
+	if err := refuse(slices.Concat(wbad, sbad, entryErrors(ws, ss))...); err != nil {
 		return nil, nil, err
 	}
 	set, perr := policy.Compile(rootNamespace(nss), authz, peer)
 	snap, errs := NewSnapshot(version, "", ws, ss, set)
 	return snap, append(append(warnings, perr...), errs...), nil
-}
-
-// unreadable is the error for a Pod, Namespace or Service that does not decode. The
-// whole directory waits for it: without the object a meshed pod would be reached in plain
-// TCP (a pod not known, or its namespace not known to be ambient).
-func unreadable(where, kind string, err error) error {
-	return fmt.Errorf("%s: %s: %w (nothing in the directory applies until it is fixed: a pod left out would be reached in plain TCP)", where, kind, err)
 }
 
 // readManifests reads dir's manifests, all or nothing: a file that does not parse might
@@ -103,7 +94,7 @@ func readManifests(dir string) ([]manifest.Doc, error) {
 func rootNamespace(map[string]*kubeNamespace) string { return policy.DefaultRootNamespace }
 
 // workloadsFromPods returns the workloads of running pods, and an error for each pod
-// whose addresses cannot be read.
+// whose addresses cannot be read (see refuse).
 func workloadsFromPods(pods []*kubePod, nss map[string]*kubeNamespace) (out []*Workload, bad []error) {
 	for _, p := range pods {
 		if p.Spec.HostNetwork || p.Status.Phase == "Succeeded" || p.Status.Phase == "Failed" {

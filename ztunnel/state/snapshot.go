@@ -57,16 +57,7 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 		if w.Protocol == "" {
 			w.Protocol = HBONE
 		}
-		// The first claim to an address wins. The workload keeps its other addresses:
-		// unknown, they would be reached in plain TCP.
-		free := w.IPs[:0:0]
-		for _, ip := range w.IPs {
-			if owner, ok := s.byIP[ip.Unmap()]; ok {
-				errs = append(errs, fmt.Errorf("workload %s: address %s already belongs to %s; %s is not reachable there", w.Key(), ip.Unmap(), owner.Key(), w.Key()))
-				continue
-			}
-			free = append(free, ip)
-		}
+		free := unclaimed(s.byIP, w.IPs, "workload "+w.Key(), "address", &errs)
 		if len(free) == 0 {
 			continue
 		}
@@ -88,15 +79,7 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 			errs = append(errs, err)
 			continue
 		}
-		// As for workloads: the first claim wins, and the service keeps its other VIPs.
-		free := svc.VIPs[:0:0]
-		for _, vip := range svc.VIPs {
-			if owner, ok := s.byVIP[vip.Unmap()]; ok {
-				errs = append(errs, fmt.Errorf("service %s: VIP %s already belongs to %s; %s is not reachable there", svc.Key(), vip.Unmap(), owner.Key(), svc.Key()))
-				continue
-			}
-			free = append(free, vip)
-		}
+		free := unclaimed(s.byVIP, svc.VIPs, "service "+svc.Key(), "VIP", &errs)
 		if len(free) == 0 {
 			continue
 		}
@@ -121,10 +104,33 @@ func NewSnapshot(version uint64, trustDomain string, workloads []*Workload, serv
 	return s, errs
 }
 
-// checkEntries refuses a config with a workload or service it cannot use: left out,
-// a meshed workload would be reached in plain TCP, as one outside the mesh is. The
-// caller keeps its previous config until the file is fixed.
-func checkEntries(ws []*Workload, ss []*Service) error {
+// unclaimed returns those of addrs that no earlier entry claimed in claimed, and reports
+// each of the others in errs. The first claim to an address wins; the later entry keeps
+// its other addresses, which unknown would be reached in plain TCP.
+func unclaimed[T interface{ Key() string }](claimed map[netip.Addr]T, addrs []netip.Addr, entry, what string, errs *[]error) []netip.Addr {
+	free := addrs[:0:0]
+	for _, a := range addrs {
+		if owner, ok := claimed[a.Unmap()]; ok {
+			*errs = append(*errs, fmt.Errorf("%s: %s %s already belongs to %s; %s is not reachable there", entry, what, a.Unmap(), owner.Key(), entry))
+			continue
+		}
+		free = append(free, a)
+	}
+	return free
+}
+
+// refuse joins the problems that keep a whole config from applying: nil if there are
+// none. A workload or service left out would be reached in plain TCP, as one outside the
+// mesh is, so the caller keeps its previous config until the source is fixed.
+func refuse(errs ...error) error {
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%w\n(nothing of this config applies until it is fixed: a workload or service left out would be reached in plain TCP)", err)
+	}
+	return nil
+}
+
+// entryErrors lists the workloads and services ztunnel cannot use (see refuse).
+func entryErrors(ws []*Workload, ss []*Service) []error {
 	var errs []error
 	uids := map[string]bool{}
 	for _, w := range ws {
@@ -142,10 +148,7 @@ func checkEntries(ws []*Workload, ss []*Service) error {
 		}
 		keys[svc.Key()] = true
 	}
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("%w\n(nothing of this config applies until it is fixed: a workload left out would be reached in plain TCP)", err)
-	}
-	return nil
+	return errs
 }
 
 func checkWorkload(w *Workload) error {
