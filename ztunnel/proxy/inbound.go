@@ -115,7 +115,7 @@ func (p *Proxy) handleInbound(ctx context.Context, ps *podServer, req *hbone.Req
 	// Carry the stream on fresh goroutines and let this handler's deep stack go.
 	end := s.Detach()
 	detached = true
-	p.carryInbound(ps, rec, s, app, conn, connLabels{reporter: "destination", src: rec.src, dst: dstW,
+	p.carryInbound(ps, rec, s, app, conn, snap, connLabels{reporter: "destination", src: rec.src, dst: dstW,
 		srcIdentity: rec.srcIdentity, dstIdentity: rec.dstIdentity, mTLS: true}, func() {
 		app.Close()
 		p.logAccess(rec)
@@ -163,13 +163,13 @@ func (p *Proxy) handlePlaintext(ps *podServer, c *net.TCPConn) {
 		return
 	}
 	defer app.Close()
-	p.carryInbound(ps, rec, c, app, conn, connLabels{reporter: "destination", src: rec.src, dst: dstW, dstIdentity: rec.dstIdentity}, nil)
+	p.carryInbound(ps, rec, c, app, conn, snap, connLabels{reporter: "destination", src: rec.src, dst: dstW, dstIdentity: rec.dstIdentity}, nil)
 }
 
 // carryInbound pipes an authorized inbound connection, registered so that a policy
 // change that denies it closes it. With done nil it returns when the connection ends;
 // otherwise it returns at once and calls done when the connection has ended.
-func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser, app *net.TCPConn, conn policy.Conn, labels connLabels, done func()) {
+func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser, app *net.TCPConn, conn policy.Conn, authorizedBy *state.Snapshot, labels connLabels, done func()) {
 	var once sync.Once
 	t := &tracked{
 		pod: ps.uid,
@@ -187,10 +187,12 @@ func (p *Proxy) carryInbound(ps *podServer, rec *accessRecord, client halfCloser
 		},
 	}
 	remove := p.conns.add(t)
-	// The connection was authorized before it was registered: a policy change in
-	// between did not see it. Check it against the config of now.
-	if ok, reason := t.check(); !ok {
-		t.close(reason)
+	// The connection was authorized under authorizedBy, before it was registered: a
+	// policy change in between did not see it. If the config changed, check it again.
+	if p.cfg.Store.Load() != authorizedBy {
+		if ok, reason := t.check(); !ok {
+			t.close(reason)
+		}
 	}
 	cc := p.cfg.Metrics.counters(labels)
 	sent, received := &counter{}, &counter{}

@@ -15,10 +15,15 @@ import (
 // An inbound connection is authorized, then delivered, then registered for the policy
 // changes to come: one that arrived while it was being delivered must still close it.
 func TestInboundDeniedWhileDeliveringIsClosed(t *testing.T) {
-	snap, _, err := state.ParseLocalConfig(2, []byte(`
+	const b = `
 workloads:
 - {uid: u-b, name: b, namespace: mesh, serviceAccount: sa-b, ips: [10.244.1.2]}
-policies:
+`
+	authorizedBy, _, err := state.ParseLocalConfig(1, []byte(b)) // no policy: allowed
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, _, err := state.ParseLocalConfig(2, []byte(b+`policies:
 - apiVersion: security.istio.io/v1
   kind: AuthorizationPolicy
   metadata: {name: deny-all, namespace: mesh}
@@ -37,7 +42,7 @@ policies:
 	conn := policy.Conn{SrcIP: netip.MustParseAddr("10.244.0.2"), DstIP: netip.MustParseAddr("10.244.1.2"), DstPort: 8080}
 	done := make(chan struct{})
 	go func() {
-		p.carryInbound(ps, rec, proxyIn, proxyOut, conn, connLabels{}, nil)
+		p.carryInbound(ps, rec, proxyIn, proxyOut, conn, authorizedBy, connLabels{}, nil)
 		close(done)
 	}()
 	select {
