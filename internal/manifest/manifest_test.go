@@ -67,12 +67,8 @@ metadata: {name: deny}
 	if err != nil {
 		t.Fatal(err)
 	}
-	var kinds []string
-	for _, d := range docs {
-		kinds = append(kinds, d.Kind)
-	}
-	if strings.Join(kinds, " ") != "ConfigMap AuthorizationPolicy" {
-		t.Errorf("kinds %v, want the ConfigMap (whole) and the policy after the commented separator", kinds)
+	if kinds := kindsOf(docs); kinds != "ConfigMap AuthorizationPolicy" {
+		t.Errorf("kinds %q, want the ConfigMap (whole) and the policy after the commented separator", kinds)
 	}
 	if len(errs) != 1 || !strings.Contains(errs[0].Error(), "b.yaml: line 2") {
 		t.Errorf("errors %v, want b.yaml's line 2 named", errs)
@@ -95,12 +91,8 @@ items:
 	if err != nil {
 		t.Fatal(err)
 	}
-	var kinds []string
-	for _, d := range docs {
-		kinds = append(kinds, d.Kind)
-	}
-	if strings.Join(kinds, " ") != "AuthorizationPolicy Widget" {
-		t.Errorf("kinds %v, want the nested policy and the Widget", kinds)
+	if kinds := kindsOf(docs); kinds != "AuthorizationPolicy Widget" {
+		t.Errorf("kinds %q, want the nested policy and the Widget", kinds)
 	}
 	var fe *FileError
 	if len(errs) != 1 || !errors.As(errs[0], &fe) || !strings.HasSuffix(fe.Path, "x.yaml") || !strings.Contains(errs[0].Error(), "items[1]: not an object") {
@@ -147,4 +139,13 @@ func TestStampNoticesChanges(t *testing.T) {
 	if s3, _ := Stamp(dir); s3 == s1 {
 		t.Error("a modified manifest left the stamp unchanged")
 	}
+}
+
+// kindsOf lists the kinds of docs, in order, separated by spaces.
+func kindsOf(docs []Doc) string {
+	var kinds []string
+	for _, d := range docs {
+		kinds = append(kinds, d.Kind)
+	}
+	return strings.Join(kinds, " ")
 }
