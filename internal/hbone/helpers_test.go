@@ -134,18 +134,6 @@ func pattern(seed uint64, n int) []byte {
 
 func sum(b []byte) [32]byte { return sha256.Sum256(b) }
 
-// waitFor polls cond until it holds or the timeout passes.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 func isStreamErr(err error, code uint32) bool {
 	var se *StreamError
 	return errors.As(err, &se) && uint32(se.Code) == code

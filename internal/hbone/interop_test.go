@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // These tests prove we speak standard HTTP/2: Go's own implementation (the
@@ -232,7 +234,7 @@ func TestInteropOurClientToXNetServer(t *testing.T) {
 			if !errors.As(err, &se) || se.Code != http.StatusForbidden {
 				t.Fatalf("Connect: %v, want StatusError 403", err)
 			}
-			waitFor(t, 2*time.Second, "streams to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
+			testutil.WaitFor(t, 2*time.Second, "streams to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
 		})
 	}
 }

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // holdHandler answers 200 and keeps the stream until the client ends it.
@@ -111,7 +113,7 @@ func TestPoolOpensSecondConnWhenFull(t *testing.T) {
 	// Freed slots are reused before dialing again.
 	streams[0].Close()
 	streams[1].Close()
-	waitFor(t, time.Second, "closed streams to free their slots", func() bool { return p.Stats().Streams == 23 })
+	testutil.WaitFor(t, time.Second, "closed streams to free their slots", func() bool { return p.Stats().Streams == 23 })
 	more := openMany(t, p, key, 2)
 	defer closeAll(more)
 	if n := dials.Load(); n != 3 {
@@ -163,7 +165,7 @@ func TestClientConnConcurrencyLimit(t *testing.T) {
 		t.Fatalf("third Connect: %v, want ErrConnFull", err)
 	}
 	s2.Close()
-	waitFor(t, time.Second, "a free slot", cc.CanTakeNewStream)
+	testutil.WaitFor(t, time.Second, "a free slot", cc.CanTakeNewStream)
 }
 
 func TestPoolClosesIdleConnections(t *testing.T) {
@@ -184,7 +186,7 @@ func TestPoolClosesIdleConnections(t *testing.T) {
 	s.CloseWrite()
 	io.Copy(io.Discard, s)
 	s.Close()
-	waitFor(t, 2*time.Second, "the idle connection to close", func() bool { return p.Stats().Conns == 0 })
+	testutil.WaitFor(t, 2*time.Second, "the idle connection to close", func() bool { return p.Stats().Conns == 0 })
 	s, err = p.Connect(context.Background(), key, Request{Authority: "10.0.0.1:80"})
 	if err != nil {
 		t.Fatal(err)
@@ -214,7 +216,7 @@ func TestPoolDropsBrokenConnections(t *testing.T) {
 		t.Fatalf("read on a broken connection: %v", err)
 	}
 	s.Close()
-	waitFor(t, 2*time.Second, "the broken connection to leave the pool", func() bool { return p.Stats().Conns == 0 })
+	testutil.WaitFor(t, 2*time.Second, "the broken connection to leave the pool", func() bool { return p.Stats().Conns == 0 })
 	s, err = p.Connect(context.Background(), key, Request{Authority: "10.0.0.1:80"})
 	if err != nil {
 		t.Fatalf("Connect after the connection broke: %v", err)
@@ -291,7 +293,7 @@ func TestGracefulDrain(t *testing.T) {
 	}
 	defer s.Close()
 	ts.drain()
-	waitFor(t, 2*time.Second, "GOAWAY to reach the client", func() bool { return !cc.CanTakeNewStream() })
+	testutil.WaitFor(t, 2*time.Second, "GOAWAY to reach the client", func() bool { return !cc.CanTakeNewStream() })
 	if _, err := cc.Connect(context.Background(), Request{Authority: "10.0.0.1:80"}); !errors.Is(err, ErrConnFull) {
 		t.Fatalf("Connect after GOAWAY: %v, want ErrConnFull", err)
 	}
@@ -335,7 +337,7 @@ func TestPoolMovesOnAfterDrain(t *testing.T) {
 	}
 	defer s1.Close()
 	ts1.drain()
-	waitFor(t, 2*time.Second, "GOAWAY", func() bool {
+	testutil.WaitFor(t, 2*time.Second, "GOAWAY", func() bool {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		return !p.conns[key][0].CanTakeNewStream()
@@ -475,7 +477,7 @@ func TestServerKeepaliveDetectsDeadClient(t *testing.T) {
 	io.WriteString(nc, http2.ClientPreface)
 	http2.NewFramer(nc, nil).WriteSettings()
 	// ... and never read again.
-	waitFor(t, 3*time.Second, "the server to give up on the client", func() bool {
+	testutil.WaitFor(t, 3*time.Second, "the server to give up on the client", func() bool {
 		ts.mu.Lock()
 		defer ts.mu.Unlock()
 		return len(ts.errs) == 1 && strings.Contains(ts.errs[0].Error(), "PING")

@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // tcpPair returns the two ends of a loopback TCP connection; the small receive buffer
@@ -184,7 +186,7 @@ func TestSendToCloseWhileFlushing(t *testing.T) {
 	}
 	near, _ := tcpPair(t, 16<<10) // never read: the flusher blocks
 	r := sendTo(t, s, near)
-	waitFor(t, 5*time.Second, "the flusher to take over", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the flusher to take over", func() bool {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return s.sink.flushing
@@ -220,7 +222,7 @@ func TestSendToAfterDataArrived(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	waitFor(t, 5*time.Second, "the data to arrive", func() bool {
+	testutil.WaitFor(t, 5*time.Second, "the data to arrive", func() bool {
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return s.recvEnd

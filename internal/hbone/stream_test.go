@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 	"unsafe"
+
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // countingHandler reads the request body to EOF, checks its digest against the
@@ -97,7 +99,7 @@ func TestManyConcurrentStreamsExactBytes(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	waitFor(t, 2*time.Second, "streams to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
+	testutil.WaitFor(t, 2*time.Second, "streams to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
 }
 
 func TestTransferBeyondWindows(t *testing.T) {
@@ -250,7 +252,7 @@ func TestHalfClose(t *testing.T) {
 		if got := <-serverGot; got != "more0;more1;more2;" {
 			t.Fatalf("server read %q", got)
 		}
-		waitFor(t, time.Second, "stream to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
+		testutil.WaitFor(t, time.Second, "stream to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
 	})
 }
 
@@ -299,7 +301,7 @@ func TestResetPropagates(t *testing.T) {
 		if !errors.As(err, &se) || !se.Remote {
 			t.Fatalf("client read error %v, want a stream reset by the peer", err)
 		}
-		waitFor(t, time.Second, "reset stream to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
+		testutil.WaitFor(t, time.Second, "reset stream to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
 		if _, err := s.Write([]byte("x")); err == nil {
 			t.Fatal("Write on a reset stream succeeded")
 		}
@@ -340,7 +342,7 @@ func TestNon200IsAnError(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	waitFor(t, time.Second, "streams to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
+	testutil.WaitFor(t, time.Second, "streams to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
 }
 
 func TestRequestHeadersReachHandler(t *testing.T) {
@@ -455,7 +457,7 @@ func TestConnectContextCancel(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Connect: %v, want deadline exceeded", err)
 	}
-	waitFor(t, time.Second, "abandoned stream to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
+	testutil.WaitFor(t, time.Second, "abandoned stream to be forgotten", func() bool { return cc.ActiveStreams() == 0 })
 }
 
 func TestConnectionDeathFailsStreams(t *testing.T) {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/sluicemesh/sluice/internal/hbone"
+	"github.com/sluicemesh/sluice/internal/testutil"
 )
 
 // tcpPair returns both ends of a loopback TCP connection.
@@ -125,7 +126,7 @@ func TestPipeDetachedAcrossHandOvers(t *testing.T) {
 	if got := readN(len(first)); string(got) != string(first) {
 		t.Fatalf("server read %q, want %q", got, first)
 	}
-	waitFor(t, 3*time.Second, "a fresh goroutine to take over the quiet socket", func() bool {
+	testutil.WaitFor(t, 3*time.Second, "a fresh goroutine to take over the quiet socket", func() bool {
 		buf := make([]byte, 1<<20)
 		return strings.Contains(string(buf[:runtime.Stack(buf, true)]), "proxy.resumeFromTCP")
 	})
@@ -168,15 +169,5 @@ func TestPipeDetachedAcrossHandOvers(t *testing.T) {
 	}
 	if want := uint64(len(first) + len(bulk)); sent.n.Load() != want || received.n.Load() != 6 {
 		t.Errorf("counted %d sent, %d received; want %d, 6", sent.n.Load(), received.n.Load(), want)
-	}
-}
-
-// waitFor polls cond until it holds or timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
 	}
 }
