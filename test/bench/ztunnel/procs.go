@@ -4,11 +4,15 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -158,25 +162,40 @@ func (p *proc) cpuTime() (time.Duration, error) {
 	return time.Duration(utime+stime) * benchutil.ClockTick, nil
 }
 
-// rss is the process's resident set (VmRSS) in bytes.
-func (p *proc) rss() (int64, error) {
+// memUse is a process's resident memory in bytes, from /proc/<pid>/status: the whole
+// resident set (VmRSS) and two of its parts, anonymous memory (heap, stacks, the data the
+// program wrote) and file-backed pages (the mapped program and shared libraries, which
+// the page cache holds once for every process that maps them).
+type memUse struct{ rss, anon, file int64 }
+
+func (p *proc) mem() (memUse, error) {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.pid()))
 	if err != nil {
-		return 0, fmt.Errorf("memory of %s: %w", p.name, err)
+		return memUse{}, fmt.Errorf("memory of %s: %w", p.name, err)
 	}
+	var m memUse
+	fields := map[string]*int64{"VmRSS": &m.rss, "RssAnon": &m.anon, "RssFile": &m.file}
 	for line := range strings.Lines(string(b)) {
-		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			f := strings.Fields(v) // "1234 kB"
-			if len(f) == 2 && f[1] == "kB" {
-				kb, err := strconv.ParseInt(f[0], 10, 64)
-				if err == nil {
-					return kb << 10, nil
-				}
-			}
-			return 0, fmt.Errorf("memory of %s: unexpected VmRSS line %q", p.name, line)
+		key, v, _ := strings.Cut(line, ":")
+		dst, ok := fields[key]
+		if !ok {
+			continue
 		}
+		f := strings.Fields(v) // "1234 kB"
+		if len(f) != 2 || f[1] != "kB" {
+			return memUse{}, fmt.Errorf("memory of %s: unexpected line %q in /proc/%d/status", p.name, strings.TrimSpace(line), p.pid())
+		}
+		kb, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return memUse{}, fmt.Errorf("memory of %s: %s in /proc/%d/status: %w", p.name, key, p.pid(), err)
+		}
+		*dst = kb << 10
+		delete(fields, key)
 	}
-	return 0, fmt.Errorf("memory of %s: no VmRSS in /proc/%d/status", p.name, p.pid())
+	for key := range fields {
+		return memUse{}, fmt.Errorf("memory of %s: no %s in /proc/%d/status", p.name, key, p.pid())
+	}
+	return m, nil
 }
 
 // cpuOf sums the CPU time of procs.
@@ -192,15 +211,80 @@ func cpuOf(procs []*proc) (time.Duration, error) {
 	return sum, nil
 }
 
-// rssOf reads the resident set of each of procs.
-func rssOf(procs []*proc) ([]int64, error) {
-	out := make([]int64, len(procs))
+// memOf reads the resident memory of each of procs.
+func memOf(procs []*proc) ([]memUse, error) {
+	out := make([]memUse, len(procs))
 	for i, p := range procs {
-		v, err := p.rss()
-		if err != nil {
+		var err error
+		if out[i], err = p.mem(); err != nil {
 			return nil, err
 		}
-		out[i] = v
+	}
+	return out, nil
+}
+
+// mappedFiles sums, per file, the resident pages of the files procs map (from
+// /proc/<pid>/smaps), and describes the largest few: "name MB, ...".
+func mappedFiles(procs []*proc) (string, error) {
+	perFile := map[string]int64{}
+	for _, p := range procs {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", p.pid()))
+		if err != nil {
+			return "", fmt.Errorf("mapped files of %s: %w", p.name, err)
+		}
+		var file string
+		for line := range strings.Lines(string(b)) {
+			f := strings.Fields(line)
+			switch {
+			case len(f) >= 5 && strings.Contains(f[0], "-"): // a mapping: range perms offset dev inode [path]
+				file = ""
+				if len(f) >= 6 && f[4] != "0" && !strings.HasPrefix(f[5], "/dev/") {
+					file = filepath.Base(f[5])
+				}
+			case len(f) == 3 && f[0] == "Rss:" && file != "":
+				kb, err := strconv.ParseInt(f[1], 10, 64)
+				if err != nil {
+					return "", fmt.Errorf("mapped files of %s: %q in /proc/%d/smaps: %w", p.name, strings.TrimSpace(line), p.pid(), err)
+				}
+				perFile[file] += kb << 10
+			}
+		}
+	}
+	names := slices.SortedFunc(maps.Keys(perFile), func(a, b string) int { return cmp.Compare(perFile[b], perFile[a]) })
+	var parts []string
+	for _, n := range names[:min(len(names), 4)] {
+		parts = append(parts, fmt.Sprintf("%s %.1f", n, mb(perFile[n])))
+	}
+	if len(names) > 4 {
+		var rest int64
+		for _, n := range names[4:] {
+			rest += perFile[n]
+		}
+		parts = append(parts, fmt.Sprintf("%d others %.1f", len(names)-4, mb(rest)))
+	}
+	return strings.Join(parts, ", "), nil
+}
+
+// total adds up the memory of several processes.
+func total(m []memUse) memUse {
+	var t memUse
+	for _, u := range m {
+		t.rss += u.rss
+		t.anon += u.anon
+		t.file += u.file
+	}
+	return t
+}
+
+// rssOf reads the resident set of each of procs.
+func rssOf(procs []*proc) ([]int64, error) {
+	m, err := memOf(procs)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]int64, len(m))
+	for i := range m {
+		out[i] = m[i].rss
 	}
 	return out, nil
 }

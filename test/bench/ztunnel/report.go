@@ -136,7 +136,7 @@ func (b *bench) figures(r *results) []figure {
 		{"maximum requests/s", "req/s", "%.0f", true, fromTest(testMax, rate)},
 		{"RSS at rest, both sides", "MB", "%.1f", false, tunnelOnly(func(mode string) (stat, bool, string) {
 			v, ok := r.idle[mode]
-			x := mb(sum(v))
+			x := mb(total(v).rss)
 			return stat{med: x, lo: x, hi: x, n: 1}, ok, ""
 		})},
 	}
@@ -287,7 +287,7 @@ func (b *bench) report(r *results, f facts) string {
 			continue
 		}
 		idle := r.idle[m.key]
-		rest := fmt.Sprintf("%.1f (%.1f + %.1f)", mb(sum(idle)), mb(idle[0]), mb(idle[1]))
+		rest := fmt.Sprintf("%.1f (%.1f + %.1f)", mb(total(idle).rss), mb(idle[0].rss), mb(idle[1].rss))
 		for _, h := range r.holds[m.key] {
 			held := strconv.Itoa(h.n)
 			if h.extra {
@@ -314,6 +314,7 @@ func (b *bench) report(r *results, f facts) string {
 		p(" Every tunnel is also measured with %d, the\nmost that fit, so that one figure compares all of them.", fitting(b.fileLimit))
 	}
 	p("\n")
+	b.reportRestMemory(&w, r)
 	reportZtunnelMemory(&w, r)
 
 	b.reportComparison(&w, r)
@@ -322,6 +323,27 @@ func (b *bench) report(r *results, f facts) string {
 	reportProfiles(&w, r)
 	b.reportMethod(&w, r)
 	return w.String()
+}
+
+// reportRestMemory splits each tunnel's memory at rest into what the process wrote
+// (anonymous) and the mapped program and libraries (file-backed).
+func (b *bench) reportRestMemory(w *strings.Builder, r *results) {
+	p := func(format string, a ...any) { fmt.Fprintf(w, format, a...) }
+	p("\nThe memory at rest by kind, both sides together: anonymous memory is what the process allocated\n")
+	p("and wrote (heap, stacks, data); file-backed is the mapped program and shared libraries as far as\n")
+	p("the process touched them (the kernel maps up to 64 KiB around each page touched), which the page\n")
+	p("cache holds once for every process mapping the same file. ztunnel is one static binary;\n")
+	p("stunnel and HAProxy map the system's libc and OpenSSL, which other processes may share.\n\n")
+	p("| mode | at rest MB | anonymous MB | file-backed MB | program and libraries (largest mapped files) |\n")
+	p("|---|--:|--:|--:|---|\n")
+	for _, m := range b.modes {
+		idle, ok := r.idle[m.key]
+		if m.direct() || !ok {
+			continue
+		}
+		t := total(idle)
+		p("| %s | %.1f | %.1f | %.1f | %s |\n", m.name, mb(t.rss), mb(t.anon), mb(t.file), r.mapped[m.key])
+	}
 }
 
 func ratioPct(v, base float64) string {

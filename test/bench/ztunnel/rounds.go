@@ -27,8 +27,10 @@ type results struct {
 	// samples[test][mode] holds one sample per round.
 	samples map[string]map[string][]sample
 	// idle is each tunnel's resident memory right after start and one connection.
-	idle  map[string][]int64
-	holds map[string][]holdResult
+	idle map[string][]memUse
+	// mapped names, per mode, the files its tunnels map and how much of each is resident.
+	mapped map[string]string
+	holds  map[string][]holdResult
 	// hello is the ServerHello each tunnel's server side sent, as seen on the wire.
 	hello map[string]serverHello
 	// hboneConns is how many HBONE connections ztunnel had open between the pods after
@@ -44,7 +46,7 @@ type results struct {
 }
 
 func (b *bench) run(ctx context.Context) (*results, error) {
-	res := &results{samples: map[string]map[string][]sample{}, idle: map[string][]int64{},
+	res := &results{samples: map[string]map[string][]sample{}, idle: map[string][]memUse{}, mapped: map[string]string{},
 		holds: map[string][]holdResult{}, hello: map[string]serverHello{}}
 	for _, t := range testKeys {
 		res.samples[t] = map[string][]sample{}
@@ -195,7 +197,7 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 		if m.direct() || m == ref {
 			continue
 		}
-		if res.idle[m.key], err = rssOf(m.tunnels); err != nil {
+		if err := restMemory(res, m); err != nil {
 			return err
 		}
 	}
@@ -207,7 +209,16 @@ func (b *bench) probeAll(ctx context.Context, res *results) error {
 	if err != nil {
 		return err
 	}
-	res.idle[ref.key], err = rssOf(ref.tunnels)
+	return restMemory(res, ref)
+}
+
+// restMemory records m's tunnels' memory at rest.
+func restMemory(res *results, m *mode) error {
+	var err error
+	if res.idle[m.key], err = memOf(m.tunnels); err != nil {
+		return err
+	}
+	res.mapped[m.key], err = mappedFiles(m.tunnels)
 	return err
 }
 
