@@ -41,6 +41,10 @@ type Config struct {
 	// CgroupPath is the cgroup2 directory the cgroup programs attach to; every pod's
 	// cgroup must be below it (default: the cgroup2 mount root).
 	CgroupPath string
+	// NodeNetns is the node's network namespace (default DefaultNodeNetns, the loader's
+	// own). Its connections to enrolled pods leave from the probe source addresses
+	// (ProbeSourceV4, ProbeSourceV6), which Load adds to its loopback device.
+	NodeNetns string
 	// Mark and MarkMask identify ztunnel's own sockets (SO_MARK), which are never captured
 	// (default 0x539/0xfff).
 	Mark, MarkMask uint32
@@ -78,6 +82,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.DNSPort == 0 {
 		c.DNSPort = DefaultDNSPort
+	}
+	if c.NodeNetns == "" {
+		c.NodeNetns = DefaultNodeNetns
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -170,6 +177,14 @@ func (c *Capture) load() error {
 	}
 	if err := c.writeConfig(); err != nil {
 		return err
+	}
+	if err := c.setNode(); err != nil {
+		return err
+	}
+	// Before pod_addrs, the node's addresses were exempt as sources (host_addrs): an
+	// earlier agent's pin of that map is no longer used by anything.
+	if err := os.Remove(filepath.Join(c.pinDir, "host_addrs")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove the pin of an old map: %w", err)
 	}
 	for _, a := range c.cgroupAttachments() {
 		if err := c.attachCgroup(a); err != nil {
@@ -292,7 +307,10 @@ func (c *Capture) Close() error {
 // continues past errors and reports them all.
 func Uninstall(cfg Config) error {
 	dir := cfg.PinDir()
-	var errs []error
+	if cfg.NodeNetns == "" {
+		cfg.NodeNetns = DefaultNodeNetns
+	}
+	errs := []error{removeProbeSources(cfg.NodeNetns)}
 	for _, sub := range []string{"links", "netns"} {
 		entries, err := os.ReadDir(filepath.Join(dir, sub))
 		if err != nil && !errors.Is(err, os.ErrNotExist) {

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +18,8 @@ import (
 )
 
 // fixture is one enrolled "pod" namespace wired by a veth to a "peer" namespace, with a
-// capture instance of its own.
+// capture instance of its own. The node's namespace is a third one, with no links, unless
+// the test makes the peer the node.
 type fixture struct {
 	cfg       Config
 	cap       *Capture
@@ -30,12 +32,22 @@ const (
 	peerIP = "10.99.0.1"
 )
 
-func newFixture(t *testing.T, cfg Config) *fixture {
+func newFixture(t *testing.T, cfg Config) *fixture { return newFixtureNode(t, cfg, false) }
+
+// newFixtureNode is newFixture with the peer as the node when peerIsNode: the pod's
+// default route leads there, as a pod's leads to its node.
+func newFixtureNode(t *testing.T, cfg Config, peerIsNode bool) *fixture {
 	t.Helper()
 	testutil.RequireRoot(t)
 	short := fmt.Sprintf("sb%d", time.Now().UnixNano()%100000)
 	f := &fixture{pod: newNS(t, short+"-pod"), peer: newNS(t, short+"-peer")}
 	wire(t, f.pod, f.peer, podIP, peerIP)
+	if peerIsNode {
+		cfg.NodeNetns = f.peer.path()
+		f.pod.defaultRoute(t, peerIP)
+	} else {
+		cfg.NodeNetns = newNS(t, short+"-node").path()
+	}
 	cfg.Instance = "test-" + short
 	f.cfg = cfg
 	f.load(t)
@@ -48,7 +60,7 @@ func newFixture(t *testing.T, cfg Config) *fixture {
 		}
 	})
 	var err error
-	if f.cookie, err = f.cap.Enroll(f.pod.path()); err != nil {
+	if f.cookie, err = f.cap.Enroll(f.pod.path(), []netip.Addr{mustAddr(podIP)}); err != nil {
 		t.Fatalf("enroll: %v", err)
 	}
 	return f
@@ -234,20 +246,6 @@ func TestInboundCapture(t *testing.T) {
 		}
 	}
 
-	// The node's own address (kubelet probes) reaches the application directly.
-	if err := f.cap.SetHostAddrs([]netip.Addr{mustAddr(peerIP)}); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := dialPod("8080"); err != nil || !strings.HasPrefix(got, "app ") {
-		t.Errorf("from node address: got %q, %v; want app", got, err)
-	}
-	if err := f.cap.SetHostAddrs(nil); err != nil {
-		t.Fatal(err)
-	}
-	if got, _ := dialPod("8080"); !strings.HasPrefix(got, "inbound ") {
-		t.Errorf("after clearing host addresses: got %q, want inbound", got)
-	}
-
 	// The pod talking to itself over its own address is not captured.
 	c, err := f.pod.dial("tcp4", podIP+":8080", DefaultMark)
 	if err != nil {
@@ -257,6 +255,68 @@ func TestInboundCapture(t *testing.T) {
 	if got := readLine(t, c); !strings.HasPrefix(got, "app ") {
 		t.Errorf("pod to itself: got %q, want app", got)
 	}
+}
+
+// TestNodeProbes: the node's own connections to a pod (kubelet's probes) reach the
+// application from the probe source address; traffic that only carries the node's address,
+// forwarded and SNATed to it as kube-proxy does for NodePort services, is captured.
+func TestNodeProbes(t *testing.T) {
+	f := newFixtureNode(t, Config{}, true)
+	serveName(f.pod.listen(t, "0.0.0.0:8080"), "app")
+	inbound := f.pod.listen(t, "0.0.0.0:15006")
+	serveName(inbound, "inbound")
+	if err := RegisterInboundListener(f.cfg.PinDir(), mustAddr(podIP), inbound.(*net.TCPListener)); err != nil {
+		t.Fatal(err)
+	}
+	greeting := func(c net.Conn, err error) string {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("dial: %v", err)
+		}
+		defer c.Close()
+		return readLine(t, c)
+	}
+	probe := "app " + ProbeSourceV4.String() + ":"
+	t.Run("the node's connection", func(t *testing.T) {
+		if got := greeting(f.peer.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, probe) {
+			t.Errorf("got %q, want prefix %q", got, probe)
+		}
+	})
+	t.Run("the node's connection from a dual-stack socket", func(t *testing.T) {
+		if got := greeting(f.peer.dial("tcp6", "[::ffff:"+podIP+"]:8080", 0)); !strings.HasPrefix(got, probe) {
+			t.Errorf("got %q, want prefix %q", got, probe)
+		}
+	})
+	t.Run("ztunnel's own socket on the node is not a probe", func(t *testing.T) {
+		if got := greeting(f.peer.dial("tcp4", podIP+":8080", DefaultMark)); !strings.HasPrefix(got, "inbound "+peerIP+":") {
+			t.Errorf("got %q, want it captured from the node's address", got)
+		}
+	})
+	t.Run("forwarded traffic SNATed to the node's address", func(t *testing.T) {
+		ext := newNS(t, f.peer.name[:len(f.peer.name)-len("-peer")]+"-ext")
+		wireNamed(t, ext, f.peer, "ext0", "10.98.0.2", "10.98.0.1")
+		ext.defaultRoute(t, "10.98.0.1")
+		for _, args := range [][]string{
+			{"sysctl", "-qw", "net.ipv4.ip_forward=1"},
+			{"iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"},
+		} {
+			cmd := exec.Command("ip", append([]string{"netns", "exec", f.peer.name}, args...)...)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("%v: %v: %s", cmd.Args, err, out)
+			}
+		}
+		if got := greeting(ext.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, "inbound "+peerIP+":") {
+			t.Errorf("got %q, want it captured from the node's address", got)
+		}
+	})
+	t.Run("after unenroll the node's connection is its own again", func(t *testing.T) {
+		if err := f.cap.Unenroll(f.cookie); err != nil {
+			t.Fatal(err)
+		}
+		if got := greeting(f.peer.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, "app "+peerIP+":") {
+			t.Errorf("got %q, want the app reached from the node's address", got)
+		}
+	})
 }
 
 func TestRestartKeepsCapture(t *testing.T) {
@@ -309,7 +369,7 @@ func TestRestartKeepsCapture(t *testing.T) {
 func TestKernelMetricsMatchBytes(t *testing.T) {
 	for _, accel := range []bool{false, true} {
 		t.Run(fmt.Sprintf("accelerate=%v", accel), func(t *testing.T) {
-			f := newFixture(t, Config{Accelerate: accel})
+			f := newFixtureNode(t, Config{Accelerate: accel}, true)
 			f.proxy(t)
 			serveName(f.peer.listen(t, peerIP+":8080"), "server")
 			const payload = 1 << 20
@@ -360,12 +420,9 @@ func TestKernelMetricsMatchBytes(t *testing.T) {
 				t.Errorf("bytes sent/received = %d/%d, want %d/%d", got.BytesSent, got.BytesReceived, payload, received)
 			}
 
-			// Inbound, from an address that is not captured (the node's), to the
-			// application itself.
+			// Inbound, from the node (its probes are not captured), to the application
+			// itself.
 			serveName(f.pod.listen(t, podIP+":8080"), "app")
-			if err := f.cap.SetHostAddrs([]netip.Addr{mustAddr(peerIP)}); err != nil {
-				t.Fatal(err)
-			}
 			in, err := f.peer.dial("tcp4", podIP+":8080", 0)
 			if err != nil {
 				t.Fatal(err)

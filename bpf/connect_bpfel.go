@@ -42,6 +42,13 @@ type connectFlowKey struct {
 	RemotePort uint32
 }
 
+type connectNodeConfig struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Probe4 connectAddr
+	Probe6 connectAddr
+}
+
 type connectOrigDst struct {
 	_      structs.HostLayout
 	Addr   connectAddr
@@ -89,13 +96,14 @@ type connectTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	connectMapEnrolled            = "enrolled"
-	connectMapHostAddrs           = "host_addrs"
 	connectMapInboundListeners    = "inbound_listeners"
 	connectMapLocalHop            = "local_hop"
 	connectMapOrigByCookie        = "orig_by_cookie"
 	connectMapOrigByTuple         = "orig_by_tuple"
+	connectMapPodAddrs            = "pod_addrs"
 	connectMapPodMetrics          = "pod_metrics"
 	connectMapSluiceConfig        = "sluice_config"
+	connectMapSluiceNode          = "sluice_node"
 	connectMapZtunnelHandshakes   = "ztunnel_handshakes"
 	connectProgSluiceConnect4     = "sluice_connect4"
 	connectProgSluiceConnect6     = "sluice_connect6"
@@ -164,13 +172,14 @@ type connectProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type connectMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	HostAddrs         *ebpf.MapSpec `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
 }
 
@@ -201,26 +210,28 @@ func (o *connectObjects) Close() error {
 // It can be passed to loadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type connectMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	HostAddrs         *ebpf.Map `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
 }
 
 func (m *connectMaps) Close() error {
 	return _ConnectClose(
 		m.Enrolled,
-		m.HostAddrs,
 		m.InboundListeners,
 		m.LocalHop,
 		m.OrigByCookie,
 		m.OrigByTuple,
+		m.PodAddrs,
 		m.PodMetrics,
 		m.SluiceConfig,
+		m.SluiceNode,
 		m.ZtunnelHandshakes,
 	)
 }

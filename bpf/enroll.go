@@ -18,9 +18,11 @@ import (
 
 // Enroll puts the pod whose network namespace is at netnsPath under capture: its netns
 // cookie joins the enrolled map (outbound) and sk_lookup is attached to the namespace
-// (inbound). Enrolling an enrolled namespace again is a no-op. It returns the cookie,
-// which names the pod's capture from then on.
-func (c *Capture) Enroll(netnsPath string) (uint64, error) {
+// (inbound). addrs are the pod's addresses: the node's own connections to them (kubelet's
+// probes) leave from the probe source, which inbound capture lets through. Enrolling an
+// enrolled namespace again only updates its addresses. It returns the cookie, which names
+// the pod's capture from then on.
+func (c *Capture) Enroll(netnsPath string, addrs []netip.Addr) (uint64, error) {
 	ns, err := os.Open(netnsPath)
 	if err != nil {
 		return 0, fmt.Errorf("open pod network namespace: %w", err)
@@ -48,6 +50,9 @@ func (c *Capture) Enroll(netnsPath string) (uint64, error) {
 			return 0, fmt.Errorf("pin sk_lookup link for %s: %w", netnsPath, err)
 		}
 	}
+	if err := c.putPodAddrs(cookie, addrs); err != nil {
+		return 0, err
+	}
 	// Inbound is in place before outbound, so no connection is half captured.
 	if err := c.sockops.Enrolled.Put(cookie, sockopsEnrollment{}); err != nil {
 		return 0, fmt.Errorf("enroll netns cookie %d: %w", cookie, err)
@@ -62,7 +67,7 @@ func (c *Capture) Unenroll(cookie uint64) error {
 	if err := c.sockops.Enrolled.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, fmt.Errorf("unenroll netns cookie %d: %w", cookie, err))
 	}
-	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)))
+	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)), c.deletePodAddrs(cookie))
 	for _, dir := range []uint32{dirOutbound, dirInbound} {
 		key := sockopsPodStatsKey{Netns: cookie, Dir: dir}
 		if err := c.sockops.PodMetrics.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -87,39 +92,6 @@ func (c *Capture) Enrolled() ([]uint64, error) {
 		return nil, fmt.Errorf("list enrolled: %w", err)
 	}
 	return cookies, nil
-}
-
-// SetHostAddrs replaces the node's own addresses, whose connections to pods (kubelet
-// probes) are never captured.
-func (c *Capture) SetHostAddrs(addrs []netip.Addr) error {
-	want := map[sockopsAddr]bool{}
-	for _, a := range addrs {
-		want[toAddr(a)] = true
-	}
-	var (
-		key   sockopsAddr
-		val   uint8
-		stale []sockopsAddr
-	)
-	it := c.sockops.HostAddrs.Iterate()
-	for it.Next(&key, &val) {
-		if !want[key] {
-			stale = append(stale, key)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("list host addresses: %w", err)
-	}
-	var errs []error
-	for _, k := range stale {
-		errs = append(errs, c.sockops.HostAddrs.Delete(k))
-	}
-	for k := range want {
-		if err := c.sockops.HostAddrs.Put(k, uint8(1)); err != nil {
-			errs = append(errs, fmt.Errorf("add host address: %w", err))
-		}
-	}
-	return errors.Join(errs...)
 }
 
 func toAddr(a netip.Addr) sockopsAddr {

@@ -56,7 +56,10 @@ func newNS(t *testing.T, name string) *testNS {
 
 // wire connects a and b with a veth pair named eth0 on both sides, addressed aIP/bIP in a
 // /24.
-func wire(t *testing.T, a, b *testNS, aIP, bIP string) {
+func wire(t *testing.T, a, b *testNS, aIP, bIP string) { wireNamed(t, a, b, "eth0", aIP, bIP) }
+
+// wireNamed is wire with the veth named name on both sides.
+func wireNamed(t *testing.T, a, b *testNS, name, aIP, bIP string) {
 	t.Helper()
 	ha, err := netlink.NewHandleAt(a.handle)
 	if err != nil {
@@ -68,7 +71,7 @@ func wire(t *testing.T, a, b *testNS, aIP, bIP string) {
 		t.Fatal(err)
 	}
 	defer hb.Close()
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "eth0"}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(b.handle))}
+	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: name, PeerNamespace: netlink.NsFd(int(b.handle))}
 	if err := ha.LinkAdd(veth); err != nil {
 		t.Fatalf("add veth: %v", err)
 	}
@@ -76,7 +79,7 @@ func wire(t *testing.T, a, b *testNS, aIP, bIP string) {
 		h  *netlink.Handle
 		ip string
 	}{{ha, aIP}, {hb, bIP}} {
-		l, err := side.h.LinkByName("eth0")
+		l, err := side.h.LinkByName(name)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -87,6 +90,19 @@ func wire(t *testing.T, a, b *testNS, aIP, bIP string) {
 		if err := side.h.LinkSetUp(l); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// defaultRoute sends everything off-link through gw.
+func (n *testNS) defaultRoute(t *testing.T, gw string) {
+	t.Helper()
+	h, err := netlink.NewHandleAt(n.handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if err := h.RouteAdd(&netlink.Route{Gw: net.ParseIP(gw)}); err != nil {
+		t.Fatalf("default route via %s in %s: %v", gw, n.name, err)
 	}
 }
 

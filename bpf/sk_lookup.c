@@ -7,9 +7,10 @@
  * ztunnel serves itself), connections from loopback or from the pod's own address,
  * connections to ztunnel's loopback listeners (outbound 15001, DNS 15053), ztunnel's own
  * connections delivering to the application (filed by sockops.c while they handshake)
- * and connections from the node's own addresses (kubelet probes). If the pod's listener
- * is missing, the connection is dropped: a pod in the mesh never accepts plaintext behind
- * ztunnel's back.
+ * and connections from the node's probe source address, which only the node's own sockets
+ * use (kubelet's probes; see connect.c). Traffic that merely carries a node address, such
+ * as NodePort traffic SNATed to it, is captured. If the pod's listener is missing, the
+ * connection is dropped: a pod in the mesh never accepts plaintext behind ztunnel's back.
  */
 #include "include/common.h"
 
@@ -42,8 +43,12 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (addr_is_loopback(&local) &&
 	    (ctx->local_port == cfg->outbound_port || ctx->local_port == cfg->dns_port))
 		return SK_PASS;
-	if (bpf_map_lookup_elem(&host_addrs, &remote))
-		return SK_PASS;
+	{
+		struct node_config *node = get_node_config();
+
+		if (node && (addr_equal(&remote, &node->probe4) || addr_equal(&remote, &node->probe6)))
+			return SK_PASS;
+	}
 	{
 		struct flow_key flow = {.local = local, .remote = remote,
 					.local_port = ctx->local_port,

@@ -42,6 +42,13 @@ type sklookupFlowKey struct {
 	RemotePort uint32
 }
 
+type sklookupNodeConfig struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Probe4 sklookupAddr
+	Probe6 sklookupAddr
+}
+
 type sklookupOrigDst struct {
 	_      structs.HostLayout
 	Addr   sklookupAddr
@@ -89,13 +96,14 @@ type sklookupTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sklookupMapEnrolled          = "enrolled"
-	sklookupMapHostAddrs         = "host_addrs"
 	sklookupMapInboundListeners  = "inbound_listeners"
 	sklookupMapLocalHop          = "local_hop"
 	sklookupMapOrigByCookie      = "orig_by_cookie"
 	sklookupMapOrigByTuple       = "orig_by_tuple"
+	sklookupMapPodAddrs          = "pod_addrs"
 	sklookupMapPodMetrics        = "pod_metrics"
 	sklookupMapSluiceConfig      = "sluice_config"
+	sklookupMapSluiceNode        = "sluice_node"
 	sklookupMapZtunnelHandshakes = "ztunnel_handshakes"
 	sklookupProgSluiceSkLookup   = "sluice_sk_lookup"
 )
@@ -150,13 +158,14 @@ type sklookupProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sklookupMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	HostAddrs         *ebpf.MapSpec `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
 }
 
@@ -187,26 +196,28 @@ func (o *sklookupObjects) Close() error {
 // It can be passed to loadSklookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sklookupMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	HostAddrs         *ebpf.Map `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
 }
 
 func (m *sklookupMaps) Close() error {
 	return _SklookupClose(
 		m.Enrolled,
-		m.HostAddrs,
 		m.InboundListeners,
 		m.LocalHop,
 		m.OrigByCookie,
 		m.OrigByTuple,
+		m.PodAddrs,
 		m.PodMetrics,
 		m.SluiceConfig,
+		m.SluiceNode,
 		m.ZtunnelHandshakes,
 	)
 }

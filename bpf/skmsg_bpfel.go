@@ -42,6 +42,13 @@ type skmsgFlowKey struct {
 	RemotePort uint32
 }
 
+type skmsgNodeConfig struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Probe4 skmsgAddr
+	Probe6 skmsgAddr
+}
+
 type skmsgOrigDst struct {
 	_      structs.HostLayout
 	Addr   skmsgAddr
@@ -89,13 +96,14 @@ type skmsgTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	skmsgMapEnrolled          = "enrolled"
-	skmsgMapHostAddrs         = "host_addrs"
 	skmsgMapInboundListeners  = "inbound_listeners"
 	skmsgMapLocalHop          = "local_hop"
 	skmsgMapOrigByCookie      = "orig_by_cookie"
 	skmsgMapOrigByTuple       = "orig_by_tuple"
+	skmsgMapPodAddrs          = "pod_addrs"
 	skmsgMapPodMetrics        = "pod_metrics"
 	skmsgMapSluiceConfig      = "sluice_config"
+	skmsgMapSluiceNode        = "sluice_node"
 	skmsgMapZtunnelHandshakes = "ztunnel_handshakes"
 	skmsgProgSluiceSkMsg      = "sluice_sk_msg"
 )
@@ -150,13 +158,14 @@ type skmsgProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type skmsgMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	HostAddrs         *ebpf.MapSpec `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
 }
 
@@ -187,26 +196,28 @@ func (o *skmsgObjects) Close() error {
 // It can be passed to loadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skmsgMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	HostAddrs         *ebpf.Map `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
 }
 
 func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
 		m.Enrolled,
-		m.HostAddrs,
 		m.InboundListeners,
 		m.LocalHop,
 		m.OrigByCookie,
 		m.OrigByTuple,
+		m.PodAddrs,
 		m.PodMetrics,
 		m.SluiceConfig,
+		m.SluiceNode,
 		m.ZtunnelHandshakes,
 	)
 }

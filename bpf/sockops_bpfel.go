@@ -42,6 +42,13 @@ type sockopsFlowKey struct {
 	RemotePort uint32
 }
 
+type sockopsNodeConfig struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Probe4 sockopsAddr
+	Probe6 sockopsAddr
+}
+
 type sockopsOrigDst struct {
 	_      structs.HostLayout
 	Addr   sockopsAddr
@@ -101,13 +108,14 @@ type sockopsTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sockopsMapEnrolled          = "enrolled"
-	sockopsMapHostAddrs         = "host_addrs"
 	sockopsMapInboundListeners  = "inbound_listeners"
 	sockopsMapLocalHop          = "local_hop"
 	sockopsMapOrigByCookie      = "orig_by_cookie"
 	sockopsMapOrigByTuple       = "orig_by_tuple"
+	sockopsMapPodAddrs          = "pod_addrs"
 	sockopsMapPodMetrics        = "pod_metrics"
 	sockopsMapSluiceConfig      = "sluice_config"
+	sockopsMapSluiceNode        = "sluice_node"
 	sockopsMapSockState         = "sock_state"
 	sockopsMapZtunnelHandshakes = "ztunnel_handshakes"
 	sockopsProgSluiceSockops    = "sluice_sockops"
@@ -163,13 +171,14 @@ type sockopsProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	HostAddrs         *ebpf.MapSpec `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
 	SockState         *ebpf.MapSpec `ebpf:"sock_state"`
 	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
 }
@@ -201,13 +210,14 @@ func (o *sockopsObjects) Close() error {
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	HostAddrs         *ebpf.Map `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
 	SockState         *ebpf.Map `ebpf:"sock_state"`
 	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
 }
@@ -215,13 +225,14 @@ type sockopsMaps struct {
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
 		m.Enrolled,
-		m.HostAddrs,
 		m.InboundListeners,
 		m.LocalHop,
 		m.OrigByCookie,
 		m.OrigByTuple,
+		m.PodAddrs,
 		m.PodMetrics,
 		m.SluiceConfig,
+		m.SluiceNode,
 		m.SockState,
 		m.ZtunnelHandshakes,
 	)

@@ -42,6 +42,13 @@ type sockoptFlowKey struct {
 	RemotePort uint32
 }
 
+type sockoptNodeConfig struct {
+	_      structs.HostLayout
+	Netns  uint64
+	Probe4 sockoptAddr
+	Probe6 sockoptAddr
+}
+
 type sockoptOrigDst struct {
 	_      structs.HostLayout
 	Addr   sockoptAddr
@@ -89,13 +96,14 @@ type sockoptTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sockoptMapEnrolled          = "enrolled"
-	sockoptMapHostAddrs         = "host_addrs"
 	sockoptMapInboundListeners  = "inbound_listeners"
 	sockoptMapLocalHop          = "local_hop"
 	sockoptMapOrigByCookie      = "orig_by_cookie"
 	sockoptMapOrigByTuple       = "orig_by_tuple"
+	sockoptMapPodAddrs          = "pod_addrs"
 	sockoptMapPodMetrics        = "pod_metrics"
 	sockoptMapSluiceConfig      = "sluice_config"
+	sockoptMapSluiceNode        = "sluice_node"
 	sockoptMapZtunnelHandshakes = "ztunnel_handshakes"
 	sockoptProgSluiceGetsockopt = "sluice_getsockopt"
 )
@@ -150,13 +158,14 @@ type sockoptProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockoptMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	HostAddrs         *ebpf.MapSpec `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
 }
 
@@ -187,26 +196,28 @@ func (o *sockoptObjects) Close() error {
 // It can be passed to loadSockoptObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockoptMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	HostAddrs         *ebpf.Map `ebpf:"host_addrs"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
 	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
 	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
 }
 
 func (m *sockoptMaps) Close() error {
 	return _SockoptClose(
 		m.Enrolled,
-		m.HostAddrs,
 		m.InboundListeners,
 		m.LocalHop,
 		m.OrigByCookie,
 		m.OrigByTuple,
+		m.PodAddrs,
 		m.PodMetrics,
 		m.SluiceConfig,
+		m.SluiceNode,
 		m.ZtunnelHandshakes,
 	)
 }

@@ -129,14 +129,32 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } orig_by_tuple SEC(".maps");
 
-/* Addresses of this node: connections from them (kubelet probes) are not captured. */
+/* The node: its network namespace, and the addresses its own connections to the pods
+ * enrolled on it leave from (kubelet's probes), the one source inbound capture lets
+ * through to the application. Istio's addresses for the same purpose, so that
+ * NetworkPolicies written for Istio's ambient mode keep working. */
+struct node_config {
+	__u64 netns;        /* cookie of the node's network namespace; 0 until set */
+	struct addr probe4; /* IPv4, stored v4-mapped */
+	struct addr probe6;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct node_config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} sluice_node SEC(".maps");
+
+/* Addresses of the pods enrolled on this node, with their netns cookies. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 256);
+	__uint(max_entries, 16384);
 	__type(key, struct addr);
-	__type(value, __u8);
+	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} host_addrs SEC(".maps");
+} pod_addrs SEC(".maps");
 
 /* ztunnel's plaintext inbound listener for each pod address. */
 struct {
@@ -178,6 +196,14 @@ static __always_inline struct config *get_config(void)
 {
 	__u32 zero = 0;
 	return bpf_map_lookup_elem(&sluice_config, &zero);
+}
+
+static __always_inline struct node_config *get_node_config(void)
+{
+	__u32 zero = 0;
+	struct node_config *node = bpf_map_lookup_elem(&sluice_node, &zero);
+
+	return node && node->netns ? node : NULL;
 }
 
 static __always_inline void addr_from_v4(struct addr *a, __u32 ip4)

@@ -52,9 +52,6 @@ type Config struct {
 	// NetnsDirs are searched for the namespaces of pods the agent saw no CNI ADD for
 	// (default /var/run/netns and /run/netns).
 	NetnsDirs []string
-	// HostAddrs are the node's addresses, never captured as sources of inbound
-	// connections; nil means the addresses of the agent's own network namespace.
-	HostAddrs []netip.Addr
 	// MetricsAddr serves Prometheus metrics; empty disables.
 	MetricsAddr string
 	// Installer, when set, installs the plugin into the node's CNI config at start.
@@ -135,9 +132,6 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer capture.Close()
 	a.capture = capture
-	if err := a.setHostAddrs(); err != nil {
-		return err
-	}
 	if err := a.restore(); err != nil {
 		return err
 	}
@@ -186,17 +180,6 @@ func (a *Agent) Run(ctx context.Context) error {
 // Ready is closed once the agent serves requests.
 func (a *Agent) Ready() <-chan struct{} { return a.ready }
 
-func (a *Agent) setHostAddrs() error {
-	addrs := a.cfg.HostAddrs
-	if addrs == nil {
-		var err error
-		if addrs, err = hostAddrs(); err != nil {
-			return err
-		}
-	}
-	return a.capture.SetHostAddrs(addrs)
-}
-
 // restore rebuilds the agent's view after a restart from its records and the pinned BPF
 // state: capture never lapsed, so this only reconnects bookkeeping and drops what died
 // while the agent was away.
@@ -226,6 +209,10 @@ func (a *Agent) restore() error {
 			continue
 		}
 		live[r.Cookie] = true
+		// Records the pod's addresses again, for maps an older agent did not have.
+		if _, err := a.capture.Enroll(r.Netns, a.podAddrs(r)); err != nil {
+			a.log.Warn("refresh capture of restored pod", "pod", r.key(), "err", err)
+		}
 		// No ztunnel is connected yet: this queues the pod for the snapshot ztunnel gets
 		// when it (re)connects, with the namespace reopened from its path.
 		if err := a.zds.Add(r.UID, a.workloadOf(r, nil), r.Netns); err != nil {
@@ -322,7 +309,7 @@ func (a *Agent) recordByKeyLocked(key string, pod *corev1.Pod) *record {
 }
 
 func (a *Agent) enrollLocked(rec *record, pod *corev1.Pod) error {
-	cookie, err := a.capture.Enroll(rec.Netns)
+	cookie, err := a.capture.Enroll(rec.Netns, a.podAddrs(rec))
 	if err != nil {
 		return fmt.Errorf("enroll %s: %w", rec.key(), err)
 	}
@@ -337,6 +324,16 @@ func (a *Agent) enrollLocked(rec *record, pod *corev1.Pod) error {
 		return fmt.Errorf("ztunnel refused pod %s: %w", rec.key(), err)
 	}
 	return nil
+}
+
+// podAddrs parses the pod's addresses. One that does not parse is left out (and logged):
+// the node's probes to it are then captured like any other connection, never let through.
+func (a *Agent) podAddrs(rec *record) []netip.Addr {
+	addrs, err := parseAddrs(rec.IPs)
+	if err != nil {
+		a.log.Warn("pod address unreadable; the node's probes to it will be captured", "pod", rec.key(), "err", err)
+	}
+	return addrs
 }
 
 func (a *Agent) unenrollLocked(rec *record) error {

@@ -3,6 +3,7 @@
 package agent
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -20,10 +21,9 @@ import (
 // other namespace is reachable through a process in it.
 func findNetns(ips []string, netnsDirs []string) (string, error) {
 	want := map[netip.Addr]bool{}
-	for _, s := range ips {
-		if a, err := netip.ParseAddr(s); err == nil {
-			want[a.Unmap()] = true
-		}
+	addrs, _ := parseAddrs(ips)
+	for _, a := range addrs {
+		want[a] = true
 	}
 	if len(want) == 0 {
 		return "", fmt.Errorf("pod has no IP yet")
@@ -82,20 +82,19 @@ func holds(path string, want map[netip.Addr]bool) bool {
 	return false
 }
 
-// hostAddrs lists the addresses of the agent's own network namespace (the node's), whose
-// connections to pods (kubelet probes) must never be captured.
-func hostAddrs() ([]netip.Addr, error) {
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
-	if err != nil {
-		return nil, fmt.Errorf("list node addresses: %w", err)
-	}
-	var out []netip.Addr
-	for _, a := range addrs {
-		ip, ok := netip.AddrFromSlice(a.IP)
-		if !ok || ip.IsLoopback() {
+// parseAddrs parses ips, returning the ones that parse and an error naming the others.
+func parseAddrs(ips []string) ([]netip.Addr, error) {
+	var (
+		out  []netip.Addr
+		errs []error
+	)
+	for _, s := range ips {
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			errs = append(errs, err)
 			continue
 		}
-		out = append(out, ip.Unmap())
+		out = append(out, a.Unmap())
 	}
-	return out, nil
+	return out, errors.Join(errs...)
 }

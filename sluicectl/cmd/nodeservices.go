@@ -112,7 +112,6 @@ func startAgent(ctx context.Context, l *lab.Lab, n lab.Node, agentBin string) er
 		"--ztunnel-socket", p.ztunnelSocket,
 		"--state-dir", p.agentState,
 		"--bpf-instance", n.Name,
-		"--host-addr", n.Gateway.String() + "," + n.IP.String(),
 		"--metrics-addr", agentMetricsAddr,
 	}
 	exited, err := startDetached(n, p.agentLog, agentBin, args...)

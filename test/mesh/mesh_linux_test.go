@@ -20,6 +20,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -30,6 +31,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/zds"
 	"github.com/sluicemesh/sluice/internal/ca"
 	"github.com/sluicemesh/sluice/internal/spiffe"
@@ -390,7 +392,32 @@ func TestMeshEndToEnd(t *testing.T) {
 		conn = meshlab.Dial(t, a, bAddr)
 		meshlab.Greeting(t, conn) // mTLS still works
 		conn.Close()
+
+		// kubelet's probes pass STRICT: the node's own connections leave from the probe
+		// source, which capture lets through.
+		node1 := m.Lab.Node(1)
+		conn = meshlab.Dial(t, node1, bAddr)
+		if got := meshlab.Greeting(t, conn); !strings.HasPrefix(got, "b "+bpf.ProbeSourceV4.String()+":") {
+			t.Errorf("STRICT: the node's probe got %q, want b answering the probe source", got)
+		}
+		conn.Close()
+		// NodePort traffic: from outside the cluster (the fabric), SNATed by the node to
+		// its own address as kube-proxy does. It carries a node address but is plaintext
+		// from outside like any other, and STRICT refuses it.
+		fabric := m.Lab.Fabric()
+		rule := []string{"POSTROUTING", "-s", fabric.IP.String(), "-d", b.IP.String(), "-j", "MASQUERADE"}
+		iptablesIn(t, node1.NetnsPath, append([]string{"-t", "nat", "-A"}, rule...)...)
+		defer iptablesIn(t, node1.NetnsPath, append([]string{"-t", "nat", "-D"}, rule...)...)
+		if refused(t, fabric, bAddr) == "" {
+			t.Error("STRICT: plaintext SNATed to the node's address reached b")
+		}
+		waitLog(t, m.zt[1], "direction=inbound", "src.addr="+node1.Gateway.String()+":", "outcome=denied")
 		m.apply(t, "")
+		conn = meshlab.Dial(t, fabric, bAddr)
+		if got := meshlab.Greeting(t, conn); !strings.HasPrefix(got, "b "+node1.Gateway.String()+":") {
+			t.Errorf("PERMISSIVE: SNATed plaintext got %q, want b answering the node's address", got)
+		}
+		conn.Close()
 	})
 
 	t.Run("connections to ztunnel's own ports are refused, not looped back into it", func(t *testing.T) {
@@ -638,7 +665,7 @@ func echo(t *testing.T, c net.Conn, msg string) {
 
 // refused tries a connection and reports why it did not get the server's greeting, or
 // "" when it did.
-func refused(t *testing.T, from *lab.Pod, addr string) string {
+func refused(t *testing.T, from meshlab.Dialer, addr string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -655,6 +682,15 @@ func refused(t *testing.T, from *lab.Pod, addr string) string {
 		return "empty greeting"
 	}
 	return ""
+}
+
+// iptablesIn runs iptables in the network namespace at netnsPath.
+func iptablesIn(t *testing.T, netnsPath string, args ...string) {
+	t.Helper()
+	out, err := exec.Command("nsenter", append([]string{"--net=" + netnsPath, "iptables"}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("iptables %s: %v: %s", strings.Join(args, " "), err, out)
+	}
 }
 
 func waitLog(t *testing.T, z *ztunnel, parts ...string) {

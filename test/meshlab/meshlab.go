@@ -9,7 +9,6 @@ import (
 	"context"
 	"fmt"
 	"net"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -139,13 +138,12 @@ func Up(t testing.TB, opts Options) *World {
 		n := &Node{Node: ln, AgentConfig: agent.Config{
 			NodeName:      ln.Name,
 			Source:        &agent.LocalSource{Dir: l.RegistryDir(), NodeName: ln.Name, Interval: 50 * time.Millisecond},
-			Capture:       bpf.Config{Instance: ln.Name},
+			Capture:       bpf.Config{Instance: ln.Name, NodeNetns: ln.NetnsPath},
 			CNISocket:     filepath.Join(ln.Dir, "cni.sock"),
 			MeshStateFile: filepath.Join(ln.Dir, "mesh-state.json"),
 			ZtunnelSocket: filepath.Join(ln.Dir, "ztunnel.sock"),
 			StateDir:      filepath.Join(ln.Dir, "agent"),
 			NetnsDirs:     []string{lab.NetnsDir},
-			HostAddrs:     []netip.Addr{ln.Gateway, ln.IP},
 			PodWait:       3 * time.Second,
 		}}
 		if opts.AgentInstalls {

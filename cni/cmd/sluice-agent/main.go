@@ -8,10 +8,8 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"k8s.io/client-go/kubernetes"
@@ -32,24 +30,9 @@ func main() {
 	}
 }
 
-type addrList []netip.Addr
-
-func (l *addrList) String() string { return fmt.Sprint(*l) }
-func (l *addrList) Set(s string) error {
-	for _, part := range strings.Split(s, ",") {
-		a, err := netip.ParseAddr(strings.TrimSpace(part))
-		if err != nil {
-			return fmt.Errorf("--host-addr %q: %w", part, err)
-		}
-		*l = append(*l, a)
-	}
-	return nil
-}
-
 func run() error {
 	var (
 		cfg        agent.Config
-		hostAddrs  addrList
 		kubeconfig = flag.String("kubeconfig", "", "kubeconfig file; empty means in-cluster config (unless --pods-dir)")
 		podsDir    = flag.String("pods-dir", "", "local mode: read Pod and Namespace manifests from this directory instead of Kubernetes")
 		installCNI = flag.Bool("install-cni", false, "install the plugin binary and chain it into the node's CNI config")
@@ -73,7 +56,6 @@ func run() error {
 	// (docs/capture-design.md, TestAccelerationHasNoBackpressure). The old flag is still
 	// accepted, so that a DaemonSet that passes it keeps starting.
 	accelerate := flag.Bool("accelerate", false, "ignored: sk_msg acceleration was withdrawn (no flow control; see docs/capture-design.md)")
-	flag.Var(&hostAddrs, "host-addr", "node address whose connections to pods are not captured (repeatable; default: the agent's own addresses)")
 	flag.Parse()
 
 	var handler slog.Handler = slog.NewTextHandler(os.Stderr, nil)
@@ -84,9 +66,6 @@ func run() error {
 	cfg.Logger = log
 	if *accelerate {
 		log.Warn("--accelerate is ignored: sk_msg acceleration was withdrawn because redirected data has no flow control; remove the flag (docs/capture-design.md)")
-	}
-	if len(hostAddrs) > 0 {
-		cfg.HostAddrs = hostAddrs
 	}
 	in := &install.Installer{BinDir: *cniBinDir, ConfDir: *cniConfDir, PluginBinary: *pluginBin,
 		PluginConfig: map[string]any{"agentSocket": cfg.CNISocket, "stateFile": cfg.MeshStateFile}, Logger: log}

@@ -111,6 +111,7 @@ func run(ctx context.Context, o options, log *slog.Logger) (err error) {
 		opts:       o,
 		log:        log,
 		quiet:      quiet,
+		node:       l.Nodes()[0],
 		client:     client,
 		server:     server,
 		serverAddr: netip.AddrPortFrom(server.IP, 8080),

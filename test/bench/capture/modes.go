@@ -69,6 +69,7 @@ type bench struct {
 	opts           options
 	log            *slog.Logger
 	quiet          *slog.Logger // for the lab and BPF loader, which log every step at info
+	node           lab.Node
 	client, server *lab.Pod
 	proxy, app     *acceptor      // 127.0.0.1:15001 in the client pod, :8080 in the server pod
 	serverAddr     netip.AddrPort // the server pod's application
@@ -105,13 +106,13 @@ func (b *bench) enable(ctx context.Context, c capture) (capt *bpf.Capture, disab
 	case captureNone:
 		return nil, func() error { return nil }, nil
 	case captureEBPF, captureEBPFAccel:
-		cfg := bpf.Config{Instance: bpfInstances[c], Accelerate: c == captureEBPFAccel, Logger: b.quiet}
+		cfg := bpf.Config{Instance: bpfInstances[c], NodeNetns: b.node.NetnsPath, Accelerate: c == captureEBPFAccel, Logger: b.quiet}
 		capt, err := bpf.Load(cfg)
 		if err != nil {
 			return nil, nil, errors.Join(fmt.Errorf("load BPF capture: %w", err), bpf.Uninstall(cfg))
 		}
 		disable = func() error { return errors.Join(capt.Close(), bpf.Uninstall(cfg)) }
-		if _, err := capt.Enroll(b.client.NetnsPath); err != nil {
+		if _, err := capt.Enroll(b.client.NetnsPath, []netip.Addr{b.client.IP}); err != nil {
 			return nil, nil, errors.Join(fmt.Errorf("enroll client pod: %w", err), disable())
 		}
 		return capt, disable, nil

@@ -302,7 +302,6 @@ func startAgent(ctx context.Context, w *world, n lab.Node) (*proc, error) {
 		"--ztunnel-socket", filepath.Join(n.Dir, "ztunnel.sock"),
 		"--state-dir", filepath.Join(n.Dir, "agent"),
 		"--bpf-instance", n.Name,
-		"--host-addr", n.Gateway.String()+","+n.IP.String(),
 		"--metrics-addr", "127.0.0.1:15014",
 	)
 	p, err := startProc("sluice-agent on "+n.Name, cmd, filepath.Join(w.work, "agent-"+n.Name+".log"))
