@@ -42,8 +42,8 @@ type Config struct {
 	// cgroup must be below it (default: the cgroup2 mount root).
 	CgroupPath string
 	// NodeNetns is the node's network namespace (default DefaultNodeNetns, the loader's
-	// own). Its connections to enrolled pods leave from the probe source addresses
-	// (ProbeSourceV4, ProbeSourceV6), which Load adds to its loopback device.
+	// own). The connections its sockets open to enrolled pods (kubelet's probes) are not
+	// captured.
 	NodeNetns string
 	// Mark and MarkMask identify ztunnel's own sockets (SO_MARK), which are never captured
 	// (default 0x539/0xfff).
@@ -307,10 +307,7 @@ func (c *Capture) Close() error {
 // continues past errors and reports them all.
 func Uninstall(cfg Config) error {
 	dir := cfg.PinDir()
-	if cfg.NodeNetns == "" {
-		cfg.NodeNetns = DefaultNodeNetns
-	}
-	errs := []error{removeProbeSources(cfg.NodeNetns)}
+	var errs []error
 	for _, sub := range []string{"links", "netns"} {
 		entries, err := os.ReadDir(filepath.Join(dir, sub))
 		if err != nil && !errors.Is(err, os.ErrNotExist) {

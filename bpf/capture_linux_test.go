@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/testutil"
@@ -258,8 +259,8 @@ func TestInboundCapture(t *testing.T) {
 }
 
 // TestNodeProbes: the node's own connections to a pod (kubelet's probes) reach the
-// application from the probe source address; traffic that only carries the node's address,
-// forwarded and SNATed to it as kube-proxy does for NodePort services, is captured.
+// application; traffic that only carries the node's address, forwarded and SNATed to it as
+// kube-proxy does for NodePort services, is captured.
 func TestNodeProbes(t *testing.T) {
 	f := newFixtureNode(t, Config{}, true)
 	serveName(f.pod.listen(t, "0.0.0.0:8080"), "app")
@@ -276,24 +277,35 @@ func TestNodeProbes(t *testing.T) {
 		defer c.Close()
 		return readLine(t, c)
 	}
-	probe := "app " + ProbeSourceV4.String() + ":"
+	app, captured := "app "+peerIP+":", "inbound "+peerIP+":"
 	t.Run("the node's connection", func(t *testing.T) {
-		if got := greeting(f.peer.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, probe) {
-			t.Errorf("got %q, want prefix %q", got, probe)
+		if got := greeting(f.peer.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, app) {
+			t.Errorf("got %q, want prefix %q", got, app)
 		}
 	})
 	t.Run("the node's connection from a dual-stack socket", func(t *testing.T) {
-		if got := greeting(f.peer.dial("tcp6", "[::ffff:"+podIP+"]:8080", 0)); !strings.HasPrefix(got, probe) {
-			t.Errorf("got %q, want prefix %q", got, probe)
+		if got := greeting(f.peer.dial("tcp6", "[::ffff:"+podIP+"]:8080", 0)); !strings.HasPrefix(got, app) {
+			t.Errorf("got %q, want prefix %q", got, app)
 		}
 	})
 	t.Run("ztunnel's own socket on the node is not a probe", func(t *testing.T) {
-		if got := greeting(f.peer.dial("tcp4", podIP+":8080", DefaultMark)); !strings.HasPrefix(got, "inbound "+peerIP+":") {
-			t.Errorf("got %q, want it captured from the node's address", got)
+		if got := greeting(f.peer.dial("tcp4", podIP+":8080", DefaultMark)); !strings.HasPrefix(got, captured) {
+			t.Errorf("got %q, want it captured", got)
+		}
+	})
+	t.Run("a refused probe leaves nothing behind", func(t *testing.T) {
+		if c, err := f.peer.dial("tcp4", podIP+":9", 0); err == nil {
+			c.Close()
+			t.Fatal("a port nothing listens on accepted the node's connection")
+		}
+		// Filed handshakes are forgotten once established or failed: one left behind
+		// would let a later SYN with the same addresses and ports through.
+		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+			t.Errorf("%d handshakes of the node still filed", n)
 		}
 	})
 	t.Run("forwarded traffic SNATed to the node's address", func(t *testing.T) {
-		ext := newNS(t, f.peer.name[:len(f.peer.name)-len("-peer")]+"-ext")
+		ext := newNS(t, strings.TrimSuffix(f.peer.name, "-peer")+"-ext")
 		wireNamed(t, ext, f.peer, "ext0", "10.98.0.2", "10.98.0.1")
 		ext.defaultRoute(t, "10.98.0.1")
 		for _, args := range [][]string{
@@ -305,18 +317,32 @@ func TestNodeProbes(t *testing.T) {
 				t.Fatalf("%v: %v: %s", cmd.Args, err, out)
 			}
 		}
-		if got := greeting(ext.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, "inbound "+peerIP+":") {
-			t.Errorf("got %q, want it captured from the node's address", got)
+		if got := greeting(ext.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, captured) {
+			t.Errorf("got %q, want it captured", got)
 		}
 	})
-	t.Run("after unenroll the node's connection is its own again", func(t *testing.T) {
+	t.Run("after unenroll the node's connection is not filed", func(t *testing.T) {
 		if err := f.cap.Unenroll(f.cookie); err != nil {
 			t.Fatal(err)
 		}
-		if got := greeting(f.peer.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, "app "+peerIP+":") {
-			t.Errorf("got %q, want the app reached from the node's address", got)
+		if n := countEntries(t, f.cap.sockops.PodAddrs); n != 0 {
+			t.Errorf("%d pod addresses still recorded after unenroll", n)
 		}
 	})
+}
+
+func countEntries(t *testing.T, m *ebpf.Map) int {
+	t.Helper()
+	n := 0
+	it := m.Iterate()
+	var k, v []byte
+	for it.Next(&k, &v) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 func TestRestartKeepsCapture(t *testing.T) {

@@ -95,74 +95,15 @@ static __always_inline int capture6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-/* probe_node returns the node config when ctx is a TCP connect from the node's network
- * namespace to an address of a pod enrolled on the node, by a socket that is not
- * ztunnel's. */
-static __always_inline struct node_config *probe_node(struct bpf_sock_addr *ctx,
-						     const struct addr *dst)
-{
-	struct node_config *node = get_node_config();
-	struct config *cfg = get_config();
-	struct bpf_sock *sk = ctx->sk;
-
-	if (!node || !cfg || !sk || ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return NULL;
-	if (is_ztunnel_mark(cfg, sk->mark) || bpf_get_netns_cookie(ctx) != node->netns)
-		return NULL;
-	if (!bpf_map_lookup_elem(&pod_addrs, dst))
-		return NULL;
-	return node;
-}
-
-/* A failed bind (the socket was bound already) leaves the connection on its own address,
- * where inbound capture takes it: it fails closed. */
-static __always_inline void probe_source4(struct bpf_sock_addr *ctx)
-{
-	struct sockaddr_in sa = {.sin_family = AF_INET};
-	struct node_config *node;
-	struct addr dst;
-
-	addr_from_v4(&dst, ctx->user_ip4);
-	node = probe_node(ctx, &dst);
-	if (!node)
-		return;
-	sa.sin_addr.s_addr = node->probe4.a[3];
-	bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa));
-}
-
-static __always_inline void probe_source6(struct bpf_sock_addr *ctx)
-{
-	struct sockaddr_in6 sa = {.sin6_family = AF_INET6};
-	struct node_config *node;
-	struct addr dst, *src;
-
-	dst.a[0] = ctx->user_ip6[0];
-	dst.a[1] = ctx->user_ip6[1];
-	dst.a[2] = ctx->user_ip6[2];
-	dst.a[3] = ctx->user_ip6[3];
-	node = probe_node(ctx, &dst);
-	if (!node)
-		return;
-	/* A dual-stack socket connecting to an IPv4 pod binds the v4-mapped IPv4 source. */
-	src = addr_is_v4mapped(dst.a) ? &node->probe4 : &node->probe6;
-	sa.sin6_addr.in6_u.u6_addr32[0] = src->a[0];
-	sa.sin6_addr.in6_u.u6_addr32[1] = src->a[1];
-	sa.sin6_addr.in6_u.u6_addr32[2] = src->a[2];
-	sa.sin6_addr.in6_u.u6_addr32[3] = src->a[3];
-	bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa));
-}
-
 SEC("cgroup/connect4")
 int sluice_connect4(struct bpf_sock_addr *ctx)
 {
-	probe_source4(ctx);
 	return capture4(ctx);
 }
 
 SEC("cgroup/connect6")
 int sluice_connect6(struct bpf_sock_addr *ctx)
 {
-	probe_source6(ctx);
 	return capture6(ctx);
 }
 

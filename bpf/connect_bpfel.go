@@ -43,10 +43,8 @@ type connectFlowKey struct {
 }
 
 type connectNodeConfig struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Probe4 connectAddr
-	Probe6 connectAddr
+	_     structs.HostLayout
+	Netns uint64
 }
 
 type connectOrigDst struct {
@@ -98,6 +96,7 @@ const (
 	connectMapEnrolled            = "enrolled"
 	connectMapInboundListeners    = "inbound_listeners"
 	connectMapLocalHop            = "local_hop"
+	connectMapNodeHandshakes      = "node_handshakes"
 	connectMapOrigByCookie        = "orig_by_cookie"
 	connectMapOrigByTuple         = "orig_by_tuple"
 	connectMapPodAddrs            = "pod_addrs"
@@ -174,6 +173,7 @@ type connectMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
@@ -212,6 +212,7 @@ type connectMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
@@ -226,6 +227,7 @@ func (m *connectMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
+		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,

@@ -18,9 +18,9 @@ import (
 
 // Enroll puts the pod whose network namespace is at netnsPath under capture: its netns
 // cookie joins the enrolled map (outbound) and sk_lookup is attached to the namespace
-// (inbound). addrs are the pod's addresses: the node's own connections to them (kubelet's
-// probes) leave from the probe source, which inbound capture lets through. Enrolling an
-// enrolled namespace again only updates its addresses. It returns the cookie, which names
+// (inbound). addrs are the pod's addresses: inbound capture lets the node's own
+// connections to them (kubelet's probes) through. Enrolling an enrolled namespace again
+// only updates its addresses. It returns the cookie, which names
 // the pod's capture from then on.
 func (c *Capture) Enroll(netnsPath string, addrs []netip.Addr) (uint64, error) {
 	ns, err := os.Open(netnsPath)
@@ -55,7 +55,7 @@ func (c *Capture) Enroll(netnsPath string, addrs []netip.Addr) (uint64, error) {
 	}
 	// Inbound is in place before outbound, so no connection is half captured.
 	if err := c.sockops.Enrolled.Put(cookie, sockopsEnrollment{}); err != nil {
-		return 0, fmt.Errorf("enroll netns cookie %d: %w", cookie, err)
+		return 0, errors.Join(fmt.Errorf("enroll netns cookie %d: %w", cookie, err), c.deletePodAddrs(cookie, nil))
 	}
 	return cookie, nil
 }
@@ -67,7 +67,7 @@ func (c *Capture) Unenroll(cookie uint64) error {
 	if err := c.sockops.Enrolled.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, fmt.Errorf("unenroll netns cookie %d: %w", cookie, err))
 	}
-	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)), c.deletePodAddrs(cookie))
+	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)), c.deletePodAddrs(cookie, nil))
 	for _, dir := range []uint32{dirOutbound, dirInbound} {
 		key := sockopsPodStatsKey{Netns: cookie, Dir: dir}
 		if err := c.sockops.PodMetrics.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

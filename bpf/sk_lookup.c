@@ -5,12 +5,12 @@
  * A TCP connection arriving for any pod port is handed to ztunnel's plaintext inbound
  * listener (registered per pod address in inbound_listeners), except HBONE (15008, which
  * ztunnel serves itself), connections from loopback or from the pod's own address,
- * connections to ztunnel's loopback listeners (outbound 15001, DNS 15053), ztunnel's own
- * connections delivering to the application (filed by sockops.c while they handshake)
- * and connections from the node's probe source address, which only the node's own sockets
- * use (kubelet's probes; see connect.c). Traffic that merely carries a node address, such
- * as NodePort traffic SNATed to it, is captured. If the pod's listener is missing, the
- * connection is dropped: a pod in the mesh never accepts plaintext behind ztunnel's back.
+ * connections to ztunnel's loopback listeners (outbound 15001, DNS 15053), and two kinds
+ * of connection sockops.c files while they handshake: ztunnel's own, delivering to the
+ * application, and the node's own (kubelet's probes). A connection is let through, never
+ * an address: traffic that merely carries a node address, such as NodePort traffic that
+ * kube-proxy SNATs to it, is captured. If the pod's listener is missing, the connection
+ * is dropped: a pod in the mesh never accepts plaintext behind ztunnel's back.
  */
 #include "include/common.h"
 
@@ -44,17 +44,12 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 	    (ctx->local_port == cfg->outbound_port || ctx->local_port == cfg->dns_port))
 		return SK_PASS;
 	{
-		struct node_config *node = get_node_config();
-
-		if (node && (addr_equal(&remote, &node->probe4) || addr_equal(&remote, &node->probe6)))
-			return SK_PASS;
-	}
-	{
 		struct flow_key flow = {.local = local, .remote = remote,
 					.local_port = ctx->local_port,
 					.remote_port = bpf_ntohs(ctx->remote_port)};
 
-		if (bpf_map_lookup_elem(&ztunnel_handshakes, &flow))
+		if (bpf_map_lookup_elem(&ztunnel_handshakes, &flow) ||
+		    bpf_map_lookup_elem(&node_handshakes, &flow))
 			return SK_PASS;
 	}
 

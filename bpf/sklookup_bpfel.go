@@ -43,10 +43,8 @@ type sklookupFlowKey struct {
 }
 
 type sklookupNodeConfig struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Probe4 sklookupAddr
-	Probe6 sklookupAddr
+	_     structs.HostLayout
+	Netns uint64
 }
 
 type sklookupOrigDst struct {
@@ -98,6 +96,7 @@ const (
 	sklookupMapEnrolled          = "enrolled"
 	sklookupMapInboundListeners  = "inbound_listeners"
 	sklookupMapLocalHop          = "local_hop"
+	sklookupMapNodeHandshakes    = "node_handshakes"
 	sklookupMapOrigByCookie      = "orig_by_cookie"
 	sklookupMapOrigByTuple       = "orig_by_tuple"
 	sklookupMapPodAddrs          = "pod_addrs"
@@ -160,6 +159,7 @@ type sklookupMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
@@ -198,6 +198,7 @@ type sklookupMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
@@ -212,6 +213,7 @@ func (m *sklookupMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
+		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,

@@ -43,10 +43,8 @@ type skmsgFlowKey struct {
 }
 
 type skmsgNodeConfig struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Probe4 skmsgAddr
-	Probe6 skmsgAddr
+	_     structs.HostLayout
+	Netns uint64
 }
 
 type skmsgOrigDst struct {
@@ -98,6 +96,7 @@ const (
 	skmsgMapEnrolled          = "enrolled"
 	skmsgMapInboundListeners  = "inbound_listeners"
 	skmsgMapLocalHop          = "local_hop"
+	skmsgMapNodeHandshakes    = "node_handshakes"
 	skmsgMapOrigByCookie      = "orig_by_cookie"
 	skmsgMapOrigByTuple       = "orig_by_tuple"
 	skmsgMapPodAddrs          = "pod_addrs"
@@ -160,6 +159,7 @@ type skmsgMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
@@ -198,6 +198,7 @@ type skmsgMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
@@ -212,6 +213,7 @@ func (m *skmsgMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
+		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,

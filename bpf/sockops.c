@@ -2,6 +2,9 @@
 
 /* TCP lifecycle events of sockets in enrolled pods.
  *
+ * - Files the handshakes inbound capture (sk_lookup.c) must let through: ztunnel's own
+ *   connections delivering to the application, and the node's own connections to pods
+ *   enrolled on it (kubelet's probes), from connect until established or closed.
  * - Files the original destination of each captured connection under the client's local
  *   address, which is how the proxy's accepted socket finds it (sockopt.c).
  * - Counts, per pod and direction, connections opened and closed, bytes sent (acked) and
@@ -15,6 +18,7 @@
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 /* enum BPF_TCP_* */
+#define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
 #define TCP_CLOSE 7
@@ -108,20 +112,53 @@ static __always_inline void handshake_key(struct bpf_sock_ops *skops, struct flo
 	key->local_port = bpf_ntohl(skops->remote_port);
 }
 
-/* connecting files ztunnel's own connections in enrolled pods for sk_lookup. */
-static __always_inline void connecting(struct bpf_sock_ops *skops)
+/* handshake_map is the map a connecting socket's handshake is filed in for sk_lookup:
+ * ztunnel's own connections in enrolled pods (delivering to the application from the
+ * client's address), or the node's own connections to pods enrolled on it (kubelet's
+ * probes). NULL for every other socket. */
+static __always_inline void *handshake_map(struct bpf_sock_ops *skops, struct flow_key *key)
 {
+	struct node_config *node = get_node_config();
 	struct config *cfg = get_config();
 	struct bpf_sock *sk = skops->sk;
+	__u64 netns;
+
+	if (!cfg || !sk)
+		return NULL;
+	netns = bpf_get_netns_cookie(skops);
+	handshake_key(skops, key);
+	if (is_ztunnel_mark(cfg, sk->mark))
+		return is_enrolled(netns) ? (void *)&ztunnel_handshakes : NULL;
+	if (node && netns == node->netns && bpf_map_lookup_elem(&pod_addrs, &key->local))
+		return &node_handshakes;
+	return NULL;
+}
+
+/* connecting files the handshake, and asks for the socket's state changes so that a
+ * connection that never gets established is forgotten when it closes. */
+static __always_inline void connecting(struct bpf_sock_ops *skops)
+{
 	struct flow_key key = {};
+	void *map = handshake_map(skops, &key);
 	__u8 one = 1;
 
-	if (!cfg || !sk || !is_ztunnel_mark(cfg, sk->mark))
+	if (!map)
 		return;
-	if (!is_enrolled(bpf_get_netns_cookie(skops)))
+	bpf_map_update_elem(map, &key, &one, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/* handshake_done forgets a filed handshake once it is established or failed: sk_lookup
+ * only ever sees the SYN. */
+static __always_inline void handshake_done(struct bpf_sock_ops *skops)
+{
+	struct flow_key key = {};
+	void *map = handshake_map(skops, &key);
+
+	if (!map)
 		return;
-	handshake_key(skops, &key);
-	bpf_map_update_elem(&ztunnel_handshakes, &key, &one, BPF_ANY);
+	bpf_map_delete_elem(map, &key);
+	bpf_sock_ops_cb_flags_set(skops, 0);
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
@@ -151,15 +188,8 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
 		accelerate(skops, netns); /* ztunnel's end of the local hop */
 	}
 
-	if (is_ztunnel_mark(cfg, sk->mark)) {
-		if (dir == DIR_OUTBOUND) {
-			struct flow_key key = {};
-
-			handshake_key(skops, &key);
-			bpf_map_delete_elem(&ztunnel_handshakes, &key);
-		}
+	if (is_ztunnel_mark(cfg, sk->mark))
 		return;
-	}
 	if (addr_is_loopback(&remote) && !orig)
 		return;
 	state = bpf_sk_storage_get(&sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -234,6 +264,7 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		connecting(skops);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		handshake_done(skops);
 		established(skops, DIR_OUTBOUND);
 		return 1;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -244,6 +275,9 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 	sk = skops->sk;
 	if (!sk)
 		return 1;
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_CLOSE &&
+	    skops->args[0] == TCP_SYN_SENT)
+		handshake_done(skops); /* refused, reset or timed out while connecting */
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state)
 		return 1;

@@ -43,10 +43,8 @@ type sockopsFlowKey struct {
 }
 
 type sockopsNodeConfig struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Probe4 sockopsAddr
-	Probe6 sockopsAddr
+	_     structs.HostLayout
+	Netns uint64
 }
 
 type sockopsOrigDst struct {
@@ -110,6 +108,7 @@ const (
 	sockopsMapEnrolled          = "enrolled"
 	sockopsMapInboundListeners  = "inbound_listeners"
 	sockopsMapLocalHop          = "local_hop"
+	sockopsMapNodeHandshakes    = "node_handshakes"
 	sockopsMapOrigByCookie      = "orig_by_cookie"
 	sockopsMapOrigByTuple       = "orig_by_tuple"
 	sockopsMapPodAddrs          = "pod_addrs"
@@ -173,6 +172,7 @@ type sockopsMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
@@ -212,6 +212,7 @@ type sockopsMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
@@ -227,6 +228,7 @@ func (m *sockopsMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
+		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,

@@ -43,10 +43,8 @@ type sockoptFlowKey struct {
 }
 
 type sockoptNodeConfig struct {
-	_      structs.HostLayout
-	Netns  uint64
-	Probe4 sockoptAddr
-	Probe6 sockoptAddr
+	_     structs.HostLayout
+	Netns uint64
 }
 
 type sockoptOrigDst struct {
@@ -98,6 +96,7 @@ const (
 	sockoptMapEnrolled          = "enrolled"
 	sockoptMapInboundListeners  = "inbound_listeners"
 	sockoptMapLocalHop          = "local_hop"
+	sockoptMapNodeHandshakes    = "node_handshakes"
 	sockoptMapOrigByCookie      = "orig_by_cookie"
 	sockoptMapOrigByTuple       = "orig_by_tuple"
 	sockoptMapPodAddrs          = "pod_addrs"
@@ -160,6 +159,7 @@ type sockoptMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
@@ -198,6 +198,7 @@ type sockoptMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
@@ -212,6 +213,7 @@ func (m *sockoptMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
+		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,

@@ -129,14 +129,10 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } orig_by_tuple SEC(".maps");
 
-/* The node: its network namespace, and the addresses its own connections to the pods
- * enrolled on it leave from (kubelet's probes), the one source inbound capture lets
- * through to the application. Istio's addresses for the same purpose, so that
- * NetworkPolicies written for Istio's ambient mode keep working. */
+/* The node's network namespace: connections its own sockets open to the pods enrolled
+ * on it (kubelet's probes) reach them past inbound capture. */
 struct node_config {
-	__u64 netns;        /* cookie of the node's network namespace; 0 until set */
-	struct addr probe4; /* IPv4, stored v4-mapped */
-	struct addr probe6;
+	__u64 netns; /* cookie of the node's network namespace; 0 until set */
 };
 
 struct {
@@ -191,6 +187,17 @@ struct {
 	__type(value, __u8);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ztunnel_handshakes SEC(".maps");
+
+/* The node's own connections to enrolled pods while they handshake, as sk_lookup in the
+ * pod sees them: filed by sockops.c when the node's socket connects, removed when it is
+ * established or closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} node_handshakes SEC(".maps");
 
 static __always_inline struct config *get_config(void)
 {

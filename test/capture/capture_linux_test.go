@@ -20,7 +20,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/agent"
 	"github.com/sluicemesh/sluice/test/lab"
 	"github.com/sluicemesh/sluice/test/meshlab"
@@ -196,8 +195,8 @@ func TestCaptureEndToEnd(t *testing.T) {
 	t.Run("the node reaches pods directly (kubelet probes)", func(t *testing.T) {
 		conn := meshlab.Dial(t, w.lab.Node(1), bAddr.String())
 		defer conn.Close()
-		if got := meshlab.Greeting(t, conn); !strings.HasPrefix(got, "b "+bpf.ProbeSourceV4.String()+":") {
-			t.Errorf("probe greeting %q, want b answering the node's probe source directly", got)
+		if got := meshlab.Greeting(t, conn); !strings.HasPrefix(got, "b "+w.lab.Node(1).Gateway.String()) {
+			t.Errorf("probe greeting %q, want b answering the node's address directly", got)
 		}
 	})
 

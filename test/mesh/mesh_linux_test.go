@@ -31,7 +31,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/cni/zds"
 	"github.com/sluicemesh/sluice/internal/ca"
 	"github.com/sluicemesh/sluice/internal/spiffe"
@@ -393,12 +392,11 @@ func TestMeshEndToEnd(t *testing.T) {
 		meshlab.Greeting(t, conn) // mTLS still works
 		conn.Close()
 
-		// kubelet's probes pass STRICT: the node's own connections leave from the probe
-		// source, which capture lets through.
+		// kubelet's probes pass STRICT: capture lets the node's own connections through.
 		node1 := m.Lab.Node(1)
 		conn = meshlab.Dial(t, node1, bAddr)
-		if got := meshlab.Greeting(t, conn); !strings.HasPrefix(got, "b "+bpf.ProbeSourceV4.String()+":") {
-			t.Errorf("STRICT: the node's probe got %q, want b answering the probe source", got)
+		if got := meshlab.Greeting(t, conn); !strings.HasPrefix(got, "b "+node1.Gateway.String()+":") {
+			t.Errorf("STRICT: the node's probe got %q, want b answering the node directly", got)
 		}
 		conn.Close()
 		// NodePort traffic: from outside the cluster (the fabric), SNATed by the node to
