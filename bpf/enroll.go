@@ -55,7 +55,8 @@ func (c *Capture) Enroll(netnsPath string, addrs []netip.Addr) (uint64, error) {
 	}
 	// Inbound is in place before outbound, so no connection is half captured.
 	if err := c.sockops.Enrolled.Put(cookie, sockopsEnrollment{}); err != nil {
-		return 0, errors.Join(fmt.Errorf("enroll netns cookie %d: %w", cookie, err), c.deletePodAddrs(cookie, nil))
+		_, derr := c.deletePodAddrs(cookie, nil)
+		return 0, errors.Join(fmt.Errorf("enroll netns cookie %d: %w", cookie, err), derr)
 	}
 	return cookie, nil
 }
@@ -67,7 +68,8 @@ func (c *Capture) Unenroll(cookie uint64) error {
 	if err := c.sockops.Enrolled.Delete(cookie); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, fmt.Errorf("unenroll netns cookie %d: %w", cookie, err))
 	}
-	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)), c.deletePodAddrs(cookie, nil))
+	addrs, err := c.deletePodAddrs(cookie, nil)
+	errs = append(errs, unpinLink(cookiePin(c.netnsDir(), cookie)), err, c.forgetHandshakesTo(addrs))
 	for _, dir := range []uint32{dirOutbound, dirInbound} {
 		key := sockopsPodStatsKey{Netns: cookie, Dir: dir}
 		if err := c.sockops.PodMetrics.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

@@ -139,6 +139,16 @@ func (n *testNS) listen(t *testing.T, addr string) net.Listener {
 	return ln
 }
 
+// dialTimeout connects from the namespace, giving up after timeout.
+func (n *testNS) dialTimeout(network, addr string, timeout time.Duration) (net.Conn, error) {
+	var c net.Conn
+	err := n.do(func() (err error) {
+		c, err = net.DialTimeout(network, addr, timeout)
+		return err
+	})
+	return c, err
+}
+
 func (n *testNS) dial(network, addr string, mark int) (net.Conn, error) {
 	var c net.Conn
 	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4In6() {

@@ -39,12 +39,13 @@ func (c *Capture) putPodAddrs(cookie uint64, addrs []netip.Addr) error {
 			return fmt.Errorf("record pod address %s: %w", a, err)
 		}
 	}
-	return c.deletePodAddrs(cookie, keep)
+	_, err := c.deletePodAddrs(cookie, keep)
+	return err
 }
 
 // deletePodAddrs forgets the addresses recorded for the pod with netns cookie, except
-// those in keep.
-func (c *Capture) deletePodAddrs(cookie uint64, keep map[sockopsAddr]bool) error {
+// those in keep, and returns the ones it forgot.
+func (c *Capture) deletePodAddrs(cookie uint64, keep map[sockopsAddr]bool) ([]sockopsAddr, error) {
 	var (
 		key   sockopsAddr
 		owner uint64
@@ -57,12 +58,48 @@ func (c *Capture) deletePodAddrs(cookie uint64, keep map[sockopsAddr]bool) error
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("list pod addresses: %w", err)
+		return nil, fmt.Errorf("list pod addresses: %w", err)
 	}
 	var errs []error
 	for _, k := range stale {
 		if err := c.sockops.PodAddrs.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			errs = append(errs, fmt.Errorf("forget pod address: %w", err))
+		}
+	}
+	return stale, errors.Join(errs...)
+}
+
+// forgetHandshakesTo drops the filed handshakes (the node's and ztunnel's) to any of
+// addrs. Each socket forgets its own when its handshake ends; this is for a pod leaving
+// capture, so that nothing filed for it outlives it whatever happened to the socket.
+func (c *Capture) forgetHandshakesTo(addrs []sockopsAddr) error {
+	if len(addrs) == 0 {
+		return nil
+	}
+	gone := map[sockopsAddr]bool{}
+	for _, a := range addrs {
+		gone[a] = true
+	}
+	var errs []error
+	for _, m := range []*ebpf.Map{c.sockops.NodeHandshakes, c.sockops.ZtunnelHandshakes} {
+		var (
+			key   sockopsFlowKey
+			val   uint8
+			stale []sockopsFlowKey
+		)
+		it := m.Iterate()
+		for it.Next(&key, &val) {
+			if gone[key.Local] {
+				stale = append(stale, key)
+			}
+		}
+		if err := it.Err(); err != nil {
+			errs = append(errs, fmt.Errorf("list filed handshakes: %w", err))
+		}
+		for _, k := range stale {
+			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("forget filed handshake: %w", err))
+			}
 		}
 	}
 	return errors.Join(errs...)

@@ -112,53 +112,87 @@ static __always_inline void handshake_key(struct bpf_sock_ops *skops, struct flo
 	key->local_port = bpf_ntohl(skops->remote_port);
 }
 
-/* handshake_map is the map a connecting socket's handshake is filed in for sk_lookup:
- * ztunnel's own connections in enrolled pods (delivering to the application from the
- * client's address), or the node's own connections to pods enrolled on it (kubelet's
- * probes). NULL for every other socket. */
-static __always_inline void *handshake_map(struct bpf_sock_ops *skops, struct flow_key *key)
+/* Which map a connecting socket's handshake is filed in (the value of filed_handshake). */
+#define FILED_ZTUNNEL 1 /* ztunnel_handshakes */
+#define FILED_NODE 2    /* node_handshakes */
+
+/* A socket whose handshake is filed remembers where, so that forgetting it depends on
+ * nothing that may have changed since (the pod unenrolled, its addresses gone). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME); /* a restarted agent's program finds it */
+} filed_handshake SEC(".maps");
+
+/* handshake_kind says whether a connecting socket's handshake must be filed for
+ * sk_lookup, and where:
+ * - ztunnel's own connections delivering to the application of the pod they are made in
+ *   (from the client's address). Not ztunnel's connections to another pod on this node
+ *   (plaintext passed through, say): that pod's capture must meet those like any other.
+ *   A destination pod_addrs does not know yet (right after an upgrade) is filed, as
+ *   before pod_addrs existed: no enrolled pod of this node has that address;
+ * - the node's own connections to pods enrolled on it (kubelet's probes).
+ * 0 for every other socket. */
+static __always_inline __u8 handshake_kind(struct bpf_sock_ops *skops, struct flow_key *key)
 {
 	struct node_config *node = get_node_config();
 	struct config *cfg = get_config();
 	struct bpf_sock *sk = skops->sk;
-	__u64 netns;
+	__u64 netns, *owner;
 
 	if (!cfg || !sk)
-		return NULL;
+		return 0;
 	netns = bpf_get_netns_cookie(skops);
 	handshake_key(skops, key);
+	owner = bpf_map_lookup_elem(&pod_addrs, &key->local);
 	if (is_ztunnel_mark(cfg, sk->mark))
-		return is_enrolled(netns) ? (void *)&ztunnel_handshakes : NULL;
-	if (node && netns == node->netns && bpf_map_lookup_elem(&pod_addrs, &key->local))
-		return &node_handshakes;
-	return NULL;
+		return is_enrolled(netns) && (!owner || *owner == netns) ? FILED_ZTUNNEL : 0;
+	if (node && netns == node->netns && owner)
+		return FILED_NODE;
+	return 0;
 }
 
-/* connecting files the handshake, and asks for the socket's state changes so that a
- * connection that never gets established is forgotten when it closes. */
+/* connecting files the handshake, and asks for the socket's state changes so that it is
+ * forgotten however the handshake ends. */
 static __always_inline void connecting(struct bpf_sock_ops *skops)
 {
 	struct flow_key key = {};
-	void *map = handshake_map(skops, &key);
-	__u8 one = 1;
+	__u8 kind = handshake_kind(skops, &key), one = 1, *filed;
+	struct bpf_sock *sk = skops->sk;
 
-	if (!map)
+	if (!kind || !sk)
 		return;
-	bpf_map_update_elem(map, &key, &one, BPF_ANY);
-	bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+	filed = bpf_sk_storage_get(&filed_handshake, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!filed)
+		return; /* not filed: sk_lookup captures it, which fails closed */
+	*filed = kind;
+	bpf_map_update_elem(kind == FILED_NODE ? (void *)&node_handshakes : (void *)&ztunnel_handshakes,
+			    &key, &one, BPF_ANY);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
-/* handshake_done forgets a filed handshake once it is established or failed: sk_lookup
- * only ever sees the SYN. */
+/* handshake_done forgets a filed handshake once the socket leaves SYN_SENT, whichever way
+ * (established, refused, reset, timed out, closed, or a simultaneous open): sk_lookup only
+ * ever sees the SYN, and an entry left behind would let a later SYN with the same
+ * addresses and ports through. */
 static __always_inline void handshake_done(struct bpf_sock_ops *skops)
 {
+	struct bpf_sock *sk = skops->sk;
 	struct flow_key key = {};
-	void *map = handshake_map(skops, &key);
+	__u8 *filed;
 
-	if (!map)
+	if (!sk)
 		return;
-	bpf_map_delete_elem(map, &key);
-	bpf_sock_ops_cb_flags_set(skops, 0);
+	filed = bpf_sk_storage_get(&filed_handshake, sk, 0, 0);
+	if (!filed)
+		return;
+	handshake_key(skops, &key);
+	bpf_map_delete_elem(*filed == FILED_NODE ? (void *)&node_handshakes : (void *)&ztunnel_handshakes,
+			    &key);
+	bpf_sk_storage_delete(&filed_handshake, sk);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
@@ -275,9 +309,8 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 	sk = skops->sk;
 	if (!sk)
 		return 1;
-	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_CLOSE &&
-	    skops->args[0] == TCP_SYN_SENT)
-		handshake_done(skops); /* refused, reset or timed out while connecting */
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == TCP_SYN_SENT)
+		handshake_done(skops);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state)
 		return 1;
