@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicemesh/sluice/internal/testutil"
@@ -355,26 +356,61 @@ func TestFiledHandshakesAreForgotten(t *testing.T) {
 	// The pod drops bare SYNs to 8081, so the node's connections there stay in SYN_SENT.
 	inPod("-A", "INPUT", "-p", "tcp", "--dport", "8081", "--tcp-flags", "SYN,ACK", "SYN", "-j", "DROP")
 
-	t.Run("the pod's addresses went while connecting", func(t *testing.T) {
+	// connecting starts a connection from the node that stays in SYN_SENT for a second,
+	// waits until it is filed, and returns a channel that yields its (failed) outcome.
+	connecting := func(t *testing.T) <-chan error {
+		t.Helper()
 		done := make(chan error, 1)
 		go func() {
 			c, err := f.peer.dialTimeout("tcp4", podIP+":8081", time.Second)
 			if err == nil {
 				c.Close()
+				err = nil
 			}
 			done <- err
 		}()
 		testutil.WaitFor(t, 2*time.Second, "the node's SYN_SENT handshake to be filed", func() bool { return filed() == 1 })
-		// What Unenroll does first; it also forgets handshakes to the pod, which this
-		// leaves to the socket.
-		if _, err := f.cap.deletePodAddrs(f.cookie, nil); err != nil {
-			t.Fatal(err)
-		}
+		return done
+	}
+	timedOut := func(t *testing.T, done <-chan error) {
+		t.Helper()
 		if err := <-done; err == nil {
 			t.Fatal("connection through a dropping rule succeeded")
 		}
 		testutil.WaitFor(t, 2*time.Second, "the timed-out handshake to be forgotten", func() bool { return filed() == 0 })
+	}
+
+	t.Run("the pod's addresses went while connecting", func(t *testing.T) {
+		done := connecting(t)
+		// What Unenroll does first (it also forgets handshakes to the pod itself, which
+		// this leaves to the socket).
+		if _, err := f.cap.deletePodAddrs(f.cookie, nil); err != nil {
+			t.Fatal(err)
+		}
+		timedOut(t, done)
 		if err := f.cap.putPodAddrs(f.cookie, []netip.Addr{mustAddr(podIP)}); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("the agent restarted while connecting", func(t *testing.T) {
+		done := connecting(t)
+		if err := f.cap.Close(); err != nil {
+			t.Fatal(err)
+		}
+		f.load(t)
+		timedOut(t, done)
+	})
+	t.Run("unenroll forgets what is filed for the pod", func(t *testing.T) {
+		done := connecting(t)
+		if err := f.cap.Unenroll(f.cookie); err != nil {
+			t.Fatal(err)
+		}
+		if n := filed(); n != 0 {
+			t.Errorf("%d handshakes still filed for a pod no longer enrolled", n)
+		}
+		<-done
+		var err error
+		if f.cookie, err = f.cap.Enroll(f.pod.path(), []netip.Addr{mustAddr(podIP)}); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -420,6 +456,11 @@ func TestFiledHandshakesAreForgotten(t *testing.T) {
 			t.Fatalf("the node's side of the simultaneous open: %v", err)
 		}
 		testutil.WaitFor(t, 2*time.Second, "the handshake to be forgotten", func() bool { return filed() == 0 })
+		// The pod's marked socket went to the node, not to its own pod's application:
+		// never filed.
+		if n := countEntries(t, f.cap.sockops.ZtunnelHandshakes); n != 0 {
+			t.Errorf("%d ztunnel handshakes filed", n)
+		}
 	})
 }
 
@@ -453,6 +494,29 @@ func TestZtunnelSocketOfAnotherPodIsCaptured(t *testing.T) {
 	defer c.Close()
 	if got := readLine(t, c); !strings.HasPrefix(got, "inbound 10.99.1.2:") {
 		t.Errorf("got %q, want it captured by the destination pod", got)
+	}
+	// An address of the pod the agent never recorded (a second interface's, say) is not
+	// the way around it: with no inbound listener for it, the connection is dropped.
+	h, err := netlink.NewHandleAt(f.pod.handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	eth0, err := h.LinkByName("eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, _ := netlink.ParseAddr("10.99.0.3/24")
+	if err := h.AddrAdd(eth0, second); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := other.dial("tcp4", "10.99.0.3:8080", DefaultMark); err == nil {
+		line, _ := testutil.ReadLine(c, time.Second)
+		c.Close()
+		t.Errorf("a marked socket of another pod reached %q at the pod's unrecorded address", line)
+	}
+	if n := countEntries(t, f.cap.sockops.ZtunnelHandshakes); n != 0 {
+		t.Errorf("%d ztunnel handshakes filed", n)
 	}
 	// ztunnel delivering inside the pod itself, from the client's address, is let through:
 	// TestMeshEndToEnd (b's application sees a's own address).

@@ -112,30 +112,16 @@ static __always_inline void handshake_key(struct bpf_sock_ops *skops, struct flo
 	key->local_port = bpf_ntohl(skops->remote_port);
 }
 
-/* Which map a connecting socket's handshake is filed in (the value of filed_handshake). */
-#define FILED_ZTUNNEL 1 /* ztunnel_handshakes */
-#define FILED_NODE 2    /* node_handshakes */
-
-/* A socket whose handshake is filed remembers where, so that forgetting it depends on
- * nothing that may have changed since (the pod unenrolled, its addresses gone). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u8);
-	__uint(pinning, LIBBPF_PIN_BY_NAME); /* a restarted agent's program finds it */
-} filed_handshake SEC(".maps");
-
-/* handshake_kind says whether a connecting socket's handshake must be filed for
+/* handshake_map says whether a connecting socket's handshake must be filed for
  * sk_lookup, and where:
  * - ztunnel's own connections delivering to the application of the pod they are made in
- *   (from the client's address). Not ztunnel's connections to another pod on this node
- *   (plaintext passed through, say): that pod's capture must meet those like any other.
- *   A destination pod_addrs does not know yet (right after an upgrade) is filed, as
- *   before pod_addrs existed: no enrolled pod of this node has that address;
+ *   (from the client's address): the destination is an address pod_addrs gives to the
+ *   socket's own netns. Not ztunnel's connections anywhere else (HBONE, plaintext passed
+ *   through to another pod of the node on a stale view of it): the destination's capture
+ *   must meet those like any other connection;
  * - the node's own connections to pods enrolled on it (kubelet's probes).
- * 0 for every other socket. */
-static __always_inline __u8 handshake_kind(struct bpf_sock_ops *skops, struct flow_key *key)
+ * NULL for every other socket. */
+static __always_inline void *handshake_map(struct bpf_sock_ops *skops, struct flow_key *key)
 {
 	struct node_config *node = get_node_config();
 	struct config *cfg = get_config();
@@ -143,15 +129,17 @@ static __always_inline __u8 handshake_kind(struct bpf_sock_ops *skops, struct fl
 	__u64 netns, *owner;
 
 	if (!cfg || !sk)
-		return 0;
-	netns = bpf_get_netns_cookie(skops);
+		return NULL;
 	handshake_key(skops, key);
 	owner = bpf_map_lookup_elem(&pod_addrs, &key->local);
+	if (!owner)
+		return NULL;
+	netns = bpf_get_netns_cookie(skops);
 	if (is_ztunnel_mark(cfg, sk->mark))
-		return is_enrolled(netns) && (!owner || *owner == netns) ? FILED_ZTUNNEL : 0;
-	if (node && netns == node->netns && owner)
-		return FILED_NODE;
-	return 0;
+		return *owner == netns ? &ztunnel_handshakes : NULL;
+	if (node && netns == node->netns)
+		return &node_handshakes;
+	return NULL;
 }
 
 /* connecting files the handshake, and asks for the socket's state changes so that it is
@@ -159,39 +147,27 @@ static __always_inline __u8 handshake_kind(struct bpf_sock_ops *skops, struct fl
 static __always_inline void connecting(struct bpf_sock_ops *skops)
 {
 	struct flow_key key = {};
-	__u8 kind = handshake_kind(skops, &key), one = 1, *filed;
-	struct bpf_sock *sk = skops->sk;
+	void *map = handshake_map(skops, &key);
+	__u8 one = 1;
 
-	if (!kind || !sk)
+	if (!map)
 		return;
-	filed = bpf_sk_storage_get(&filed_handshake, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!filed)
-		return; /* not filed: sk_lookup captures it, which fails closed */
-	*filed = kind;
-	bpf_map_update_elem(kind == FILED_NODE ? (void *)&node_handshakes : (void *)&ztunnel_handshakes,
-			    &key, &one, BPF_ANY);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_map_update_elem(map, &key, &one, BPF_ANY);
 }
 
-/* handshake_done forgets a filed handshake once the socket leaves SYN_SENT, whichever way
- * (established, refused, reset, timed out, closed, or a simultaneous open): sk_lookup only
+/* handshake_done forgets a filed handshake once its socket leaves SYN_SENT, whichever way
+ * (established, refused, reset, timed out, closed, a simultaneous open): sk_lookup only
  * ever sees the SYN, and an entry left behind would let a later SYN with the same
- * addresses and ports through. */
+ * addresses and ports through. It deletes the 4-tuple from both maps without asking why it
+ * was filed, which may have changed since (the pod unenrolled, an older program filed it). */
 static __always_inline void handshake_done(struct bpf_sock_ops *skops)
 {
-	struct bpf_sock *sk = skops->sk;
 	struct flow_key key = {};
-	__u8 *filed;
 
-	if (!sk)
-		return;
-	filed = bpf_sk_storage_get(&filed_handshake, sk, 0, 0);
-	if (!filed)
-		return;
 	handshake_key(skops, &key);
-	bpf_map_delete_elem(*filed == FILED_NODE ? (void *)&node_handshakes : (void *)&ztunnel_handshakes,
-			    &key);
-	bpf_sk_storage_delete(&filed_handshake, sk);
+	bpf_map_delete_elem(&node_handshakes, &key);
+	bpf_map_delete_elem(&ztunnel_handshakes, &key);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
@@ -298,7 +274,6 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		connecting(skops);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		handshake_done(skops);
 		established(skops, DIR_OUTBOUND);
 		return 1;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -310,7 +285,7 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 	if (!sk)
 		return 1;
 	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == TCP_SYN_SENT)
-		handshake_done(skops);
+		handshake_done(skops); /* fires before ACTIVE_ESTABLISHED too */
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state)
 		return 1;

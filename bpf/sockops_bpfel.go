@@ -106,7 +106,6 @@ type sockopsTupleKey struct {
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	sockopsMapEnrolled          = "enrolled"
-	sockopsMapFiledHandshake    = "filed_handshake"
 	sockopsMapInboundListeners  = "inbound_listeners"
 	sockopsMapLocalHop          = "local_hop"
 	sockopsMapNodeHandshakes    = "node_handshakes"
@@ -171,7 +170,6 @@ type sockopsProgramSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
 	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	FiledHandshake    *ebpf.MapSpec `ebpf:"filed_handshake"`
 	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
 	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
@@ -212,7 +210,6 @@ func (o *sockopsObjects) Close() error {
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
 	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	FiledHandshake    *ebpf.Map `ebpf:"filed_handshake"`
 	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop          *ebpf.Map `ebpf:"local_hop"`
 	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
@@ -229,7 +226,6 @@ type sockopsMaps struct {
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
 		m.Enrolled,
-		m.FiledHandshake,
 		m.InboundListeners,
 		m.LocalHop,
 		m.NodeHandshakes,

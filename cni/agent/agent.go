@@ -209,10 +209,6 @@ func (a *Agent) restore() error {
 			continue
 		}
 		live[r.Cookie] = true
-		// Records the pod's addresses again, for maps an older agent did not have.
-		if _, err := a.capture.Enroll(r.Netns, a.podAddrs(r)); err != nil {
-			a.log.Warn("refresh capture of restored pod", "pod", r.key(), "err", err)
-		}
 		// No ztunnel is connected yet: this queues the pod for the snapshot ztunnel gets
 		// when it (re)connects, with the namespace reopened from its path.
 		if err := a.zds.Add(r.UID, a.workloadOf(r, nil), r.Netns); err != nil {
