@@ -291,6 +291,27 @@ func TestNodeProbes(t *testing.T) {
 			t.Errorf("got %q, want prefix %q", got, app)
 		}
 	})
+	t.Run("the application answers with SYN cookies", func(t *testing.T) {
+		// With a cookie the pod keeps no socket of the connection until the final ACK,
+		// which goes through sk_lookup again: the handshake must still be filed then.
+		cmd := exec.Command("ip", "netns", "exec", f.pod.name, "sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v: %s", cmd.Args, err, out)
+		}
+		defer exec.Command("ip", "netns", "exec", f.pod.name, "sysctl", "-qw", "net.ipv4.tcp_syncookies=1").Run()
+		c, err := f.peer.dial("tcp4", podIP+":8080", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if got := readLine(t, c); !strings.HasPrefix(got, app) {
+			t.Errorf("got %q, want prefix %q", got, app)
+		}
+		// Accepted, the connection's handshake is forgotten while it stays open.
+		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+			t.Errorf("%d handshakes still filed for an accepted connection", n)
+		}
+	})
 	t.Run("ztunnel's own socket on the node is not a probe", func(t *testing.T) {
 		if got := greeting(f.peer.dial("tcp4", podIP+":8080", DefaultMark)); !strings.HasPrefix(got, captured) {
 			t.Errorf("got %q, want it captured", got)
@@ -667,6 +688,38 @@ func TestKernelMetricsMatchBytes(t *testing.T) {
 				t.Errorf("no RTT samples for a connection over the wire: %+v", gotIn)
 			}
 		})
+	}
+}
+
+// TestInboundMetricsCountDeliveries: the application's end of a connection ztunnel
+// delivered inherits ztunnel's mark (tcp_fwmark_accept) and is still the application's
+// inbound connection to count.
+func TestInboundMetricsCountDeliveries(t *testing.T) {
+	f := newFixture(t, Config{})
+	cmd := exec.Command("ip", "netns", "exec", f.pod.name, "sysctl", "-qw", "net.ipv4.tcp_fwmark_accept=1")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%v: %v: %s", cmd.Args, err, out)
+	}
+	serveName(f.pod.listen(t, podIP+":8080"), "app")
+	// ztunnel's delivery sockets carry its mark and a delivery bit.
+	c, err := f.pod.dial("tcp4", podIP+":8080", 0x1000|DefaultMark)
+	if err != nil {
+		t.Fatal(err)
+	}
+	readLine(t, c)
+	c.Close()
+	var got Counters
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		st, err := f.cap.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got = st[f.cookie].Inbound; got.Closed == 1 {
+			break
+		}
+	}
+	if got.Opened != 1 || got.Closed != 1 {
+		t.Errorf("inbound connections opened/closed = %d/%d, want 1/1 (%+v)", got.Opened, got.Closed, got)
 	}
 }
 

@@ -4,7 +4,8 @@
  *
  * - Files the handshakes inbound capture (sk_lookup.c) must let through: ztunnel's own
  *   connections delivering to the application, and the node's own connections to pods
- *   enrolled on it (kubelet's probes), from connect until established or closed.
+ *   enrolled on it (kubelet's probes), from connect until the pod accepts the connection
+ *   or the connecting socket closes.
  * - Files the original destination of each captured connection under the client's local
  *   address, which is how the proxy's accepted socket finds it (sockopt.c).
  * - Counts, per pod and direction, connections opened and closed, bytes sent (acked) and
@@ -18,7 +19,6 @@
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 /* enum BPF_TCP_* */
-#define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
 #define TCP_CLOSE 7
@@ -143,7 +143,7 @@ static __always_inline void *handshake_map(struct bpf_sock_ops *skops, struct fl
 }
 
 /* connecting files the handshake, and asks for the socket's state changes so that it is
- * forgotten however the handshake ends. */
+ * forgotten when the socket closes, if the pod has not accepted the connection first. */
 static __always_inline void connecting(struct bpf_sock_ops *skops)
 {
 	struct flow_key key = {};
@@ -156,19 +156,42 @@ static __always_inline void connecting(struct bpf_sock_ops *skops)
 	bpf_map_update_elem(map, &key, &one, BPF_ANY);
 }
 
-/* handshake_done forgets a filed handshake once its socket leaves SYN_SENT, whichever way
- * (established, refused, reset, timed out, closed, a simultaneous open): sk_lookup only
- * ever sees the SYN, and an entry left behind would let a later SYN with the same
- * addresses and ports through. It deletes the 4-tuple from both maps without asking why it
- * was filed, which may have changed since (the pod unenrolled, an older program filed it). */
-static __always_inline void handshake_done(struct bpf_sock_ops *skops)
+/* forget deletes a handshake's 4-tuple from both maps without asking why it was filed,
+ * which may have changed since (the pod unenrolled, an older program filed it). */
+static __always_inline void forget_handshake(const struct flow_key *key)
+{
+	bpf_map_delete_elem(&node_handshakes, key);
+	bpf_map_delete_elem(&ztunnel_handshakes, key);
+}
+
+/* accepted forgets the handshake of a connection the pod has just accepted: only from
+ * here on does the pod's stack find the connection without a listener lookup, and so
+ * without sk_lookup. (When the application's listener answered with a SYN cookie, the
+ * connecting side is established before the pod holds any socket of it, and the final
+ * ACK goes through sk_lookup again.) */
+static __always_inline void accepted(struct bpf_sock_ops *skops)
+{
+	struct flow_key key = {};
+
+	if (!is_enrolled(bpf_get_netns_cookie(skops)))
+		return;
+	local_addr(skops, &key.local);
+	remote_addr(skops, &key.remote);
+	key.local_port = skops->local_port;
+	key.remote_port = bpf_ntohl(skops->remote_port);
+	forget_handshake(&key);
+}
+
+/* closed forgets the handshake of a connecting socket that closes, whichever way
+ * (refused, reset, timed out, closed by its owner, or closing long after it was
+ * established): no entry outlives the socket it was filed for, so none can let a later
+ * SYN with the same addresses and ports through. */
+static __always_inline void closed(struct bpf_sock_ops *skops)
 {
 	struct flow_key key = {};
 
 	handshake_key(skops, &key);
-	bpf_map_delete_elem(&node_handshakes, &key);
-	bpf_map_delete_elem(&ztunnel_handshakes, &key);
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
+	forget_handshake(&key);
 }
 
 static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
@@ -198,7 +221,11 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
 		accelerate(skops, netns); /* ztunnel's end of the local hop */
 	}
 
-	if (is_ztunnel_mark(cfg, sk->mark))
+	/* ztunnel's own sockets are not the application's. An accepted socket inherits the
+	 * SYN's mark (tcp_fwmark_accept, which ztunnel sets in the pod), so the application's
+	 * end of a connection ztunnel delivered carries ztunnel's mark: among accepted
+	 * sockets, ztunnel's are those of its listeners. */
+	if (dir == DIR_OUTBOUND ? is_ztunnel_mark(cfg, sk->mark) : is_ztunnel_listener(cfg, skops->local_port))
 		return;
 	if (addr_is_loopback(&remote) && !orig)
 		return;
@@ -277,6 +304,7 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		established(skops, DIR_OUTBOUND);
 		return 1;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		accepted(skops);
 		established(skops, DIR_INBOUND);
 		return 1;
 	}
@@ -284,8 +312,8 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 	sk = skops->sk;
 	if (!sk)
 		return 1;
-	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == TCP_SYN_SENT)
-		handshake_done(skops); /* fires before ACTIVE_ESTABLISHED too */
+	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_CLOSE)
+		closed(skops);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state)
 		return 1;

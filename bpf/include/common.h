@@ -273,3 +273,10 @@ static __always_inline int is_ztunnel_port(struct config *cfg, __u16 port)
 {
 	return port == cfg->hbone_port;
 }
+
+/* is_ztunnel_listener: a port ztunnel listens on in a pod. */
+static __always_inline int is_ztunnel_listener(struct config *cfg, __u32 port)
+{
+	return port == cfg->hbone_port || port == cfg->inbound_port || port == cfg->outbound_port ||
+	       port == cfg->dns_port;
+}
