@@ -234,7 +234,9 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
 		return;
 	state->netns = netns;
 	state->dir = dir;
-	state->captured = orig != NULL;
+	/* Through ztunnel (captured outbound, or delivered inbound: the accepted socket
+	 * carries ztunnel's mark), the socket's RTT is that of the hop to ztunnel. */
+	state->captured = orig != NULL || (dir == DIR_INBOUND && is_ztunnel_mark(cfg, sk->mark));
 	st = stats_for(netns, dir);
 	if (st)
 		st->opened++;
