@@ -14,6 +14,12 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
+// DeliveryMarkBit is set, besides the mark, on ztunnel's sockets that deliver a
+// connection to the application (from the client's address). The application's accepted
+// socket inherits it (tcp_fwmark_accept), which tells the kernel counters it is the
+// application's connection, not ztunnel's.
+const DeliveryMarkBit = 0x1000
+
 // Defaults match Istio's in-pod ztunnel, so tooling and habits carry over.
 const (
 	DefaultPinRoot      = "/sys/fs/bpf/sluice"
@@ -181,10 +187,12 @@ func (c *Capture) load() error {
 	if err := c.setNode(); err != nil {
 		return err
 	}
-	// Before pod_addrs, the node's addresses were exempt as sources (host_addrs): an
-	// earlier agent's pin of that map is no longer used by anything.
-	if err := os.Remove(filepath.Join(c.pinDir, "host_addrs")); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("remove the pin of an old map: %w", err)
+	// Pins of maps an earlier agent used and nothing uses now: host_addrs (the node's
+	// addresses were exempt as sources), ztunnel_handshakes (now delivery_handshakes).
+	for _, old := range []string{"host_addrs", "ztunnel_handshakes"} {
+		if err := os.Remove(filepath.Join(c.pinDir, old)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("remove the pin of an old map: %w", err)
+		}
 	}
 	for _, a := range c.cgroupAttachments() {
 		if err := c.attachCgroup(a); err != nil {

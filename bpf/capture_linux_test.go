@@ -3,6 +3,7 @@
 package bpf
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -312,6 +313,62 @@ func TestNodeProbes(t *testing.T) {
 			t.Errorf("%d handshakes still filed for an accepted connection", n)
 		}
 	})
+	run := func(t *testing.T, ns string, args ...string) {
+		t.Helper()
+		cmd := exec.Command("ip", append([]string{"netns", "exec", ns}, args...)...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v: %s", cmd.Args, err, out)
+		}
+	}
+	t.Run("a connection the pod never accepts is let through only briefly", func(t *testing.T) {
+		// The application answers with a SYN cookie and the final ACK is lost (as when
+		// its accept queue is full): the node's side is established, the pod holds
+		// nothing. Within the grace period the next segment would still reach the
+		// application; after it, the 4-tuple is captured like any other.
+		run(t, f.pod.name, "sysctl", "-qw", "net.ipv4.tcp_syncookies=2")
+		defer run(t, f.pod.name, "sysctl", "-qw", "net.ipv4.tcp_syncookies=1")
+		drop := []string{"INPUT", "-p", "tcp", "--dport", "8080", "!", "--syn", "-j", "DROP"}
+		run(t, f.pod.name, append([]string{"iptables", "-A"}, drop...)...)
+		c, err := f.peer.dial("tcp4", podIP+":8080", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		time.Sleep(2500 * time.Millisecond)
+		run(t, f.pod.name, append([]string{"iptables", "-D"}, drop...)...)
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		// Captured, the segment meets ztunnel's listener, which holds no such connection
+		// and resets it.
+		if got, err := testutil.ReadLine(c, 3*time.Second); err == nil || strings.HasPrefix(got, "app ") {
+			t.Errorf("after the grace period got %q, %v; want it captured (reset), not the app", got, err)
+		}
+	})
+	t.Run("a probe whose source port the node's conntrack rewrites", func(t *testing.T) {
+		// Its SYN no longer matches what was filed, so it is captured, and the entry,
+		// which would otherwise wait for the first SYN from that port, goes once the
+		// node's side is established.
+		snat := []string{"POSTROUTING", "-t", "nat", "-p", "tcp", "--sport", "41000", "-j", "SNAT", "--to-source", peerIP + ":41001"}
+		run(t, f.peer.name, append([]string{"iptables", "-A"}, snat...)...)
+		defer run(t, f.peer.name, append([]string{"iptables", "-D"}, snat...)...)
+		var c net.Conn
+		err := f.peer.do(func() (err error) {
+			d := net.Dialer{Timeout: 2 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(peerIP), Port: 41000}}
+			c, err = d.Dial("tcp4", podIP+":8080")
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if got := readLine(t, c); !strings.HasPrefix(got, "inbound "+peerIP+":41001") {
+			t.Errorf("got %q, want it captured from the rewritten port", got)
+		}
+		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+			t.Errorf("%d handshakes still filed for a connection whose SYN was never seen", n)
+		}
+	})
 	t.Run("ztunnel's own socket on the node is not a probe", func(t *testing.T) {
 		if got := greeting(f.peer.dial("tcp4", podIP+":8080", DefaultMark)); !strings.HasPrefix(got, captured) {
 			t.Errorf("got %q, want it captured", got)
@@ -479,7 +536,7 @@ func TestFiledHandshakesAreForgotten(t *testing.T) {
 		testutil.WaitFor(t, 2*time.Second, "the handshake to be forgotten", func() bool { return filed() == 0 })
 		// The pod's marked socket went to the node, not to its own pod's application:
 		// never filed.
-		if n := countEntries(t, f.cap.sockops.ZtunnelHandshakes); n != 0 {
+		if n := countEntries(t, f.cap.sockops.DeliveryHandshakes); n != 0 {
 			t.Errorf("%d ztunnel handshakes filed", n)
 		}
 	})
@@ -536,7 +593,7 @@ func TestZtunnelSocketOfAnotherPodIsCaptured(t *testing.T) {
 		c.Close()
 		t.Errorf("a marked socket of another pod reached %q at the pod's unrecorded address", line)
 	}
-	if n := countEntries(t, f.cap.sockops.ZtunnelHandshakes); n != 0 {
+	if n := countEntries(t, f.cap.sockops.DeliveryHandshakes); n != 0 {
 		t.Errorf("%d ztunnel handshakes filed", n)
 	}
 	// ztunnel delivering inside the pod itself, from the client's address, is let through:
@@ -701,8 +758,41 @@ func TestInboundMetricsCountDeliveries(t *testing.T) {
 		t.Fatalf("%v: %v: %s", cmd.Args, err, out)
 	}
 	serveName(f.pod.listen(t, podIP+":8080"), "app")
-	// ztunnel's delivery sockets carry its mark and a delivery bit.
-	c, err := f.pod.dial("tcp4", podIP+":8080", 0x1000|DefaultMark)
+	// ztunnel's own end of a captured connection, accepted on its marked 15006 listener
+	// (with the original destination port), is not the application's.
+	var inbound net.Listener
+	err := f.pod.do(func() (err error) {
+		lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, DefaultMark)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}}
+		lc.SetMultipathTCP(false)
+		inbound, err = lc.Listen(context.Background(), "tcp", "0.0.0.0:15006")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer inbound.Close()
+	serveName(inbound, "inbound")
+	if err := RegisterInboundListener(f.cfg.PinDir(), mustAddr(podIP), inbound.(*net.TCPListener)); err != nil {
+		t.Fatal(err)
+	}
+	captured, err := f.peer.dial("tcp4", podIP+":9090", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readLine(t, captured); !strings.HasPrefix(got, "inbound ") {
+		t.Fatalf("got %q, want ztunnel's listener", got)
+	}
+	captured.Close()
+	// ztunnel's delivery sockets carry its mark and the delivery bit.
+	c, err := f.pod.dial("tcp4", podIP+":8080", DeliveryMarkBit|DefaultMark)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -714,12 +804,12 @@ func TestInboundMetricsCountDeliveries(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got = st[f.cookie].Inbound; got.Closed == 1 {
+		if got = st[f.cookie].Inbound; got.Closed >= 1 {
 			break
 		}
 	}
 	if got.Opened != 1 || got.Closed != 1 {
-		t.Errorf("inbound connections opened/closed = %d/%d, want 1/1 (%+v)", got.Opened, got.Closed, got)
+		t.Errorf("inbound connections opened/closed = %d/%d, want 1/1, the delivered one only (%+v)", got.Opened, got.Closed, got)
 	}
 	// Its RTT is the hop from ztunnel, not the client's: left out, as for captured
 	// outbound connections.

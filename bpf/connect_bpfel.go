@@ -93,6 +93,7 @@ type connectTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	connectMapDeliveryHandshakes  = "delivery_handshakes"
 	connectMapEnrolled            = "enrolled"
 	connectMapInboundListeners    = "inbound_listeners"
 	connectMapLocalHop            = "local_hop"
@@ -103,7 +104,6 @@ const (
 	connectMapPodMetrics          = "pod_metrics"
 	connectMapSluiceConfig        = "sluice_config"
 	connectMapSluiceNode          = "sluice_node"
-	connectMapZtunnelHandshakes   = "ztunnel_handshakes"
 	connectProgSluiceConnect4     = "sluice_connect4"
 	connectProgSluiceConnect6     = "sluice_connect6"
 	connectProgSluiceGetpeername4 = "sluice_getpeername4"
@@ -170,17 +170,17 @@ type connectProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type connectMapSpecs struct {
-	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.MapSpec `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
+	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 }
 
 // connectVariableSpecs contains global variables before they are loaded into the kernel.
@@ -209,21 +209,22 @@ func (o *connectObjects) Close() error {
 //
 // It can be passed to loadConnectObjects or ebpf.CollectionSpec.LoadAndAssign.
 type connectMaps struct {
-	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.Map `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.Map `ebpf:"enrolled"`
+	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 }
 
 func (m *connectMaps) Close() error {
 	return _ConnectClose(
+		m.DeliveryHandshakes,
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
@@ -234,7 +235,6 @@ func (m *connectMaps) Close() error {
 		m.PodMetrics,
 		m.SluiceConfig,
 		m.SluiceNode,
-		m.ZtunnelHandshakes,
 	)
 }
 

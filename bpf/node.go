@@ -81,10 +81,10 @@ func (c *Capture) forgetHandshakesTo(addrs []sockopsAddr) error {
 		gone[a] = true
 	}
 	var errs []error
-	for _, m := range []*ebpf.Map{c.sockops.NodeHandshakes, c.sockops.ZtunnelHandshakes} {
+	for _, m := range []*ebpf.Map{c.sockops.NodeHandshakes, c.sockops.DeliveryHandshakes} {
 		var (
 			key   sockopsFlowKey
-			val   uint8
+			val   uint64
 			stale []sockopsFlowKey
 		)
 		it := m.Iterate()

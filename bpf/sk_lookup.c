@@ -48,8 +48,8 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 					.local_port = ctx->local_port,
 					.remote_port = bpf_ntohs(ctx->remote_port)};
 
-		if (bpf_map_lookup_elem(&ztunnel_handshakes, &flow) ||
-		    bpf_map_lookup_elem(&node_handshakes, &flow))
+		if (handshake_passes(&delivery_handshakes, &flow) ||
+		    handshake_passes(&node_handshakes, &flow))
 			return SK_PASS;
 	}
 

@@ -93,18 +93,18 @@ type sklookupTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sklookupMapEnrolled          = "enrolled"
-	sklookupMapInboundListeners  = "inbound_listeners"
-	sklookupMapLocalHop          = "local_hop"
-	sklookupMapNodeHandshakes    = "node_handshakes"
-	sklookupMapOrigByCookie      = "orig_by_cookie"
-	sklookupMapOrigByTuple       = "orig_by_tuple"
-	sklookupMapPodAddrs          = "pod_addrs"
-	sklookupMapPodMetrics        = "pod_metrics"
-	sklookupMapSluiceConfig      = "sluice_config"
-	sklookupMapSluiceNode        = "sluice_node"
-	sklookupMapZtunnelHandshakes = "ztunnel_handshakes"
-	sklookupProgSluiceSkLookup   = "sluice_sk_lookup"
+	sklookupMapDeliveryHandshakes = "delivery_handshakes"
+	sklookupMapEnrolled           = "enrolled"
+	sklookupMapInboundListeners   = "inbound_listeners"
+	sklookupMapLocalHop           = "local_hop"
+	sklookupMapNodeHandshakes     = "node_handshakes"
+	sklookupMapOrigByCookie       = "orig_by_cookie"
+	sklookupMapOrigByTuple        = "orig_by_tuple"
+	sklookupMapPodAddrs           = "pod_addrs"
+	sklookupMapPodMetrics         = "pod_metrics"
+	sklookupMapSluiceConfig       = "sluice_config"
+	sklookupMapSluiceNode         = "sluice_node"
+	sklookupProgSluiceSkLookup    = "sluice_sk_lookup"
 )
 
 // loadSklookup returns the embedded CollectionSpec for sklookup.
@@ -156,17 +156,17 @@ type sklookupProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sklookupMapSpecs struct {
-	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.MapSpec `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
+	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 }
 
 // sklookupVariableSpecs contains global variables before they are loaded into the kernel.
@@ -195,21 +195,22 @@ func (o *sklookupObjects) Close() error {
 //
 // It can be passed to loadSklookupObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sklookupMaps struct {
-	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.Map `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.Map `ebpf:"enrolled"`
+	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 }
 
 func (m *sklookupMaps) Close() error {
 	return _SklookupClose(
+		m.DeliveryHandshakes,
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
@@ -220,7 +221,6 @@ func (m *sklookupMaps) Close() error {
 		m.PodMetrics,
 		m.SluiceConfig,
 		m.SluiceNode,
-		m.ZtunnelHandshakes,
 	)
 }
 

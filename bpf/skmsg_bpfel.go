@@ -93,18 +93,18 @@ type skmsgTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	skmsgMapEnrolled          = "enrolled"
-	skmsgMapInboundListeners  = "inbound_listeners"
-	skmsgMapLocalHop          = "local_hop"
-	skmsgMapNodeHandshakes    = "node_handshakes"
-	skmsgMapOrigByCookie      = "orig_by_cookie"
-	skmsgMapOrigByTuple       = "orig_by_tuple"
-	skmsgMapPodAddrs          = "pod_addrs"
-	skmsgMapPodMetrics        = "pod_metrics"
-	skmsgMapSluiceConfig      = "sluice_config"
-	skmsgMapSluiceNode        = "sluice_node"
-	skmsgMapZtunnelHandshakes = "ztunnel_handshakes"
-	skmsgProgSluiceSkMsg      = "sluice_sk_msg"
+	skmsgMapDeliveryHandshakes = "delivery_handshakes"
+	skmsgMapEnrolled           = "enrolled"
+	skmsgMapInboundListeners   = "inbound_listeners"
+	skmsgMapLocalHop           = "local_hop"
+	skmsgMapNodeHandshakes     = "node_handshakes"
+	skmsgMapOrigByCookie       = "orig_by_cookie"
+	skmsgMapOrigByTuple        = "orig_by_tuple"
+	skmsgMapPodAddrs           = "pod_addrs"
+	skmsgMapPodMetrics         = "pod_metrics"
+	skmsgMapSluiceConfig       = "sluice_config"
+	skmsgMapSluiceNode         = "sluice_node"
+	skmsgProgSluiceSkMsg       = "sluice_sk_msg"
 )
 
 // loadSkmsg returns the embedded CollectionSpec for skmsg.
@@ -156,17 +156,17 @@ type skmsgProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type skmsgMapSpecs struct {
-	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.MapSpec `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
+	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 }
 
 // skmsgVariableSpecs contains global variables before they are loaded into the kernel.
@@ -195,21 +195,22 @@ func (o *skmsgObjects) Close() error {
 //
 // It can be passed to loadSkmsgObjects or ebpf.CollectionSpec.LoadAndAssign.
 type skmsgMaps struct {
-	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.Map `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.Map `ebpf:"enrolled"`
+	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 }
 
 func (m *skmsgMaps) Close() error {
 	return _SkmsgClose(
+		m.DeliveryHandshakes,
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
@@ -220,7 +221,6 @@ func (m *skmsgMaps) Close() error {
 		m.PodMetrics,
 		m.SluiceConfig,
 		m.SluiceNode,
-		m.ZtunnelHandshakes,
 	)
 }
 

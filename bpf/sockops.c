@@ -10,7 +10,8 @@
  *   address, which is how the proxy's accepted socket finds it (sockopt.c).
  * - Counts, per pod and direction, connections opened and closed, bytes sent (acked) and
  *   received, retransmits and RTT samples. Only the application's sockets are counted
- *   (never ztunnel's marked ones), and loopback only for captured connections.
+ *   (never ztunnel's marked ones, though the application's end of a connection ztunnel
+ *   delivered is), and loopback only for captured connections.
  * - Puts both ends of the application <-> ztunnel loopback hop into local_hop when
  *   acceleration is on (sk_msg.c).
  */
@@ -19,6 +20,7 @@
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 /* enum BPF_TCP_* */
+#define TCP_SYN_SENT 2
 #define TCP_FIN_WAIT1 4
 #define TCP_FIN_WAIT2 5
 #define TCP_CLOSE 7
@@ -136,7 +138,7 @@ static __always_inline void *handshake_map(struct bpf_sock_ops *skops, struct fl
 		return NULL;
 	netns = bpf_get_netns_cookie(skops);
 	if (is_ztunnel_mark(cfg, sk->mark))
-		return *owner == netns ? &ztunnel_handshakes : NULL;
+		return *owner == netns ? &delivery_handshakes : NULL;
 	if (node && netns == node->netns)
 		return &node_handshakes;
 	return NULL;
@@ -148,12 +150,12 @@ static __always_inline void connecting(struct bpf_sock_ops *skops)
 {
 	struct flow_key key = {};
 	void *map = handshake_map(skops, &key);
-	__u8 one = 1;
+	__u64 filed = HANDSHAKE_FILED;
 
 	if (!map)
 		return;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	bpf_map_update_elem(map, &key, &one, BPF_ANY);
+	bpf_map_update_elem(map, &key, &filed, BPF_ANY);
 }
 
 /* forget deletes a handshake's 4-tuple from both maps without asking why it was filed,
@@ -161,7 +163,7 @@ static __always_inline void connecting(struct bpf_sock_ops *skops)
 static __always_inline void forget_handshake(const struct flow_key *key)
 {
 	bpf_map_delete_elem(&node_handshakes, key);
-	bpf_map_delete_elem(&ztunnel_handshakes, key);
+	bpf_map_delete_elem(&delivery_handshakes, key);
 }
 
 /* accepted forgets the handshake of a connection the pod has just accepted: only from
@@ -180,6 +182,35 @@ static __always_inline void accepted(struct bpf_sock_ops *skops)
 	key.local_port = skops->local_port;
 	key.remote_port = bpf_ntohl(skops->remote_port);
 	forget_handshake(&key);
+}
+
+/* answered is the connecting socket leaving SYN_SENT for a state other than CLOSE
+ * (established, or SYN_RECV in a simultaneous open). A handshake whose SYN never reached
+ * the pod as filed (conntrack rewrote its source port, or the other side's SYN crossed
+ * it) is forgotten: it would only wait for some other connection's SYN. One that did is
+ * honoured a while longer, for the ACK that completes a SYN cookie, and no longer: a
+ * connection the pod never accepts must not keep its 4-tuple open to others. */
+static __always_inline void answered(struct bpf_sock_ops *skops)
+{
+	__u64 until = bpf_ktime_get_ns() + HANDSHAKE_GRACE_NS;
+	struct flow_key key = {};
+	__u64 *state;
+
+	handshake_key(skops, &key);
+	state = bpf_map_lookup_elem(&node_handshakes, &key);
+	if (state) {
+		if (*state == HANDSHAKE_FILED)
+			bpf_map_delete_elem(&node_handshakes, &key);
+		else
+			*state = until;
+	}
+	state = bpf_map_lookup_elem(&delivery_handshakes, &key);
+	if (state) {
+		if (*state == HANDSHAKE_FILED)
+			bpf_map_delete_elem(&delivery_handshakes, &key);
+		else
+			*state = until;
+	}
 }
 
 /* closed forgets the handshake of a connecting socket that closes, whichever way
@@ -204,6 +235,7 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
 	struct pod_stats *st;
 	struct addr remote;
 	__u64 cookie;
+	int delivered;
 
 	if (!cfg || !sk || !is_enrolled(netns))
 		return;
@@ -221,11 +253,12 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
 		accelerate(skops, netns); /* ztunnel's end of the local hop */
 	}
 
-	/* ztunnel's own sockets are not the application's. An accepted socket inherits the
-	 * SYN's mark (tcp_fwmark_accept, which ztunnel sets in the pod), so the application's
-	 * end of a connection ztunnel delivered carries ztunnel's mark: among accepted
-	 * sockets, ztunnel's are those of its listeners. */
-	if (dir == DIR_OUTBOUND ? is_ztunnel_mark(cfg, sk->mark) : is_ztunnel_listener(cfg, skops->local_port))
+	/* ztunnel's own sockets are not the application's. An accepted socket takes its
+	 * listener's mark, or the SYN's when the listener has none (tcp_fwmark_accept, which
+	 * ztunnel sets in the pod): the application's end of a connection ztunnel delivered
+	 * carries the delivery bit besides ztunnel's mark, and is the application's. */
+	delivered = dir == DIR_INBOUND && is_ztunnel_mark(cfg, sk->mark) && (sk->mark & DELIVERY_MARK_BIT);
+	if (is_ztunnel_mark(cfg, sk->mark) && !delivered)
 		return;
 	if (addr_is_loopback(&remote) && !orig)
 		return;
@@ -236,7 +269,7 @@ static __always_inline void established(struct bpf_sock_ops *skops, __u32 dir)
 	state->dir = dir;
 	/* Through ztunnel (captured outbound, or delivered inbound: the accepted socket
 	 * carries ztunnel's mark), the socket's RTT is that of the hop to ztunnel. */
-	state->captured = orig != NULL || (dir == DIR_INBOUND && is_ztunnel_mark(cfg, sk->mark));
+	state->captured = orig != NULL || delivered;
 	st = stats_for(netns, dir);
 	if (st)
 		st->opened++;
@@ -316,6 +349,8 @@ int sluice_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == TCP_CLOSE)
 		closed(skops);
+	else if (skops->op == BPF_SOCK_OPS_STATE_CB && skops->args[0] == TCP_SYN_SENT)
+		answered(skops);
 	state = bpf_sk_storage_get(&sock_state, sk, 0, 0);
 	if (!state)
 		return 1;

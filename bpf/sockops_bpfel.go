@@ -105,19 +105,19 @@ type sockopsTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockopsMapEnrolled          = "enrolled"
-	sockopsMapInboundListeners  = "inbound_listeners"
-	sockopsMapLocalHop          = "local_hop"
-	sockopsMapNodeHandshakes    = "node_handshakes"
-	sockopsMapOrigByCookie      = "orig_by_cookie"
-	sockopsMapOrigByTuple       = "orig_by_tuple"
-	sockopsMapPodAddrs          = "pod_addrs"
-	sockopsMapPodMetrics        = "pod_metrics"
-	sockopsMapSluiceConfig      = "sluice_config"
-	sockopsMapSluiceNode        = "sluice_node"
-	sockopsMapSockState         = "sock_state"
-	sockopsMapZtunnelHandshakes = "ztunnel_handshakes"
-	sockopsProgSluiceSockops    = "sluice_sockops"
+	sockopsMapDeliveryHandshakes = "delivery_handshakes"
+	sockopsMapEnrolled           = "enrolled"
+	sockopsMapInboundListeners   = "inbound_listeners"
+	sockopsMapLocalHop           = "local_hop"
+	sockopsMapNodeHandshakes     = "node_handshakes"
+	sockopsMapOrigByCookie       = "orig_by_cookie"
+	sockopsMapOrigByTuple        = "orig_by_tuple"
+	sockopsMapPodAddrs           = "pod_addrs"
+	sockopsMapPodMetrics         = "pod_metrics"
+	sockopsMapSluiceConfig       = "sluice_config"
+	sockopsMapSluiceNode         = "sluice_node"
+	sockopsMapSockState          = "sock_state"
+	sockopsProgSluiceSockops     = "sluice_sockops"
 )
 
 // loadSockops returns the embedded CollectionSpec for sockops.
@@ -169,18 +169,18 @@ type sockopsProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockopsMapSpecs struct {
-	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
-	SockState         *ebpf.MapSpec `ebpf:"sock_state"`
-	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.MapSpec `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
+	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
+	SockState          *ebpf.MapSpec `ebpf:"sock_state"`
 }
 
 // sockopsVariableSpecs contains global variables before they are loaded into the kernel.
@@ -209,22 +209,23 @@ func (o *sockopsObjects) Close() error {
 //
 // It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockopsMaps struct {
-	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
-	SockState         *ebpf.Map `ebpf:"sock_state"`
-	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.Map `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.Map `ebpf:"enrolled"`
+	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
+	SockState          *ebpf.Map `ebpf:"sock_state"`
 }
 
 func (m *sockopsMaps) Close() error {
 	return _SockopsClose(
+		m.DeliveryHandshakes,
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
@@ -236,7 +237,6 @@ func (m *sockopsMaps) Close() error {
 		m.SluiceConfig,
 		m.SluiceNode,
 		m.SockState,
-		m.ZtunnelHandshakes,
 	)
 }
 

@@ -93,18 +93,18 @@ type sockoptTupleKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockoptMapEnrolled          = "enrolled"
-	sockoptMapInboundListeners  = "inbound_listeners"
-	sockoptMapLocalHop          = "local_hop"
-	sockoptMapNodeHandshakes    = "node_handshakes"
-	sockoptMapOrigByCookie      = "orig_by_cookie"
-	sockoptMapOrigByTuple       = "orig_by_tuple"
-	sockoptMapPodAddrs          = "pod_addrs"
-	sockoptMapPodMetrics        = "pod_metrics"
-	sockoptMapSluiceConfig      = "sluice_config"
-	sockoptMapSluiceNode        = "sluice_node"
-	sockoptMapZtunnelHandshakes = "ztunnel_handshakes"
-	sockoptProgSluiceGetsockopt = "sluice_getsockopt"
+	sockoptMapDeliveryHandshakes = "delivery_handshakes"
+	sockoptMapEnrolled           = "enrolled"
+	sockoptMapInboundListeners   = "inbound_listeners"
+	sockoptMapLocalHop           = "local_hop"
+	sockoptMapNodeHandshakes     = "node_handshakes"
+	sockoptMapOrigByCookie       = "orig_by_cookie"
+	sockoptMapOrigByTuple        = "orig_by_tuple"
+	sockoptMapPodAddrs           = "pod_addrs"
+	sockoptMapPodMetrics         = "pod_metrics"
+	sockoptMapSluiceConfig       = "sluice_config"
+	sockoptMapSluiceNode         = "sluice_node"
+	sockoptProgSluiceGetsockopt  = "sluice_getsockopt"
 )
 
 // loadSockopt returns the embedded CollectionSpec for sockopt.
@@ -156,17 +156,17 @@ type sockoptProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockoptMapSpecs struct {
-	Enrolled          *ebpf.MapSpec `ebpf:"enrolled"`
-	InboundListeners  *ebpf.MapSpec `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.MapSpec `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.MapSpec `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.MapSpec `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.MapSpec `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.MapSpec `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.MapSpec `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.MapSpec `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.MapSpec `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.MapSpec `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
+	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 }
 
 // sockoptVariableSpecs contains global variables before they are loaded into the kernel.
@@ -195,21 +195,22 @@ func (o *sockoptObjects) Close() error {
 //
 // It can be passed to loadSockoptObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockoptMaps struct {
-	Enrolled          *ebpf.Map `ebpf:"enrolled"`
-	InboundListeners  *ebpf.Map `ebpf:"inbound_listeners"`
-	LocalHop          *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes    *ebpf.Map `ebpf:"node_handshakes"`
-	OrigByCookie      *ebpf.Map `ebpf:"orig_by_cookie"`
-	OrigByTuple       *ebpf.Map `ebpf:"orig_by_tuple"`
-	PodAddrs          *ebpf.Map `ebpf:"pod_addrs"`
-	PodMetrics        *ebpf.Map `ebpf:"pod_metrics"`
-	SluiceConfig      *ebpf.Map `ebpf:"sluice_config"`
-	SluiceNode        *ebpf.Map `ebpf:"sluice_node"`
-	ZtunnelHandshakes *ebpf.Map `ebpf:"ztunnel_handshakes"`
+	DeliveryHandshakes *ebpf.Map `ebpf:"delivery_handshakes"`
+	Enrolled           *ebpf.Map `ebpf:"enrolled"`
+	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
+	LocalHop           *ebpf.Map `ebpf:"local_hop"`
+	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
+	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
+	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
+	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
+	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
+	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 }
 
 func (m *sockoptMaps) Close() error {
 	return _SockoptClose(
+		m.DeliveryHandshakes,
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
@@ -220,7 +221,6 @@ func (m *sockoptMaps) Close() error {
 		m.PodMetrics,
 		m.SluiceConfig,
 		m.SluiceNode,
-		m.ZtunnelHandshakes,
 	)
 }
 

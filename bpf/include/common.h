@@ -177,27 +177,47 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } local_hop SEC(".maps");
 
-/* Connections ztunnel is opening inside a pod (delivering inbound traffic to the
- * application from the client's address), filed from connect until established so that
- * sk_lookup lets their SYN through instead of steering it back to ztunnel. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct flow_key);
-	__type(value, __u8);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ztunnel_handshakes SEC(".maps");
+/* Handshakes sk_lookup lets through, filed by sockops.c: ztunnel's deliveries to the
+ * application of the pod it is connecting in (from the client's address), and the node's
+ * own connections to enrolled pods (kubelet's probes). Keyed as sk_lookup in the pod sees
+ * the connection; the value is its state (HANDSHAKE_*). An entry lives from connect until
+ * the pod accepts the connection or the connecting socket closes. */
+#define HANDSHAKE_FILED 0 /* filed; no SYN of it has reached the pod's sk_lookup yet */
+#define HANDSHAKE_SEEN 1  /* sk_lookup let its SYN through */
+/* Any larger value: the connecting side is established, and the entry is honoured until
+ * this time (bpf_ktime_get_ns), for an ACK that completes a SYN cookie. */
+#define HANDSHAKE_GRACE_NS 2000000000ULL
 
-/* The node's own connections to enrolled pods while they handshake, as sk_lookup in the
- * pod sees them: filed by sockops.c when the node's socket connects, removed when it is
- * established or closes. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
 	__type(key, struct flow_key);
-	__type(value, __u8);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} delivery_handshakes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } node_handshakes SEC(".maps");
+
+/* handshake_passes says whether sk_lookup lets a connection through as a filed
+ * handshake of map, and records that its SYN was seen. */
+static __always_inline int handshake_passes(void *map, const struct flow_key *flow)
+{
+	__u64 *state = bpf_map_lookup_elem(map, flow);
+
+	if (!state)
+		return 0;
+	if (*state == HANDSHAKE_FILED) {
+		*state = HANDSHAKE_SEEN;
+		return 1;
+	}
+	return *state == HANDSHAKE_SEEN || bpf_ktime_get_ns() < *state;
+}
 
 static __always_inline struct config *get_config(void)
 {
@@ -274,9 +294,6 @@ static __always_inline int is_ztunnel_port(struct config *cfg, __u16 port)
 	return port == cfg->hbone_port;
 }
 
-/* is_ztunnel_listener: a port ztunnel listens on in a pod. */
-static __always_inline int is_ztunnel_listener(struct config *cfg, __u32 port)
-{
-	return port == cfg->hbone_port || port == cfg->inbound_port || port == cfg->outbound_port ||
-	       port == cfg->dns_port;
-}
+/* ztunnel's delivery sockets (connecting to the application from the client's address)
+ * carry this bit besides its mark (ztunnel/proxy, bpf.DeliveryMarkBit). */
+#define DELIVERY_MARK_BIT 0x1000

@@ -16,6 +16,7 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluicemesh/sluice/bpf"
 	"github.com/sluicemesh/sluice/internal/netnsexec"
 )
 
@@ -26,7 +27,7 @@ import (
 // loopback, which is what makes delivering with the client's own source address work.
 const (
 	SocketMark   = 0x539
-	deliveryMark = 0x1000 | SocketMark
+	deliveryMark = bpf.DeliveryMarkBit | SocketMark
 	deliveryBit  = 0x1000
 	// deliveryTable is the routing table holding "local default dev lo".
 	deliveryTable = 15006
