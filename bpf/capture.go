@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -51,6 +52,8 @@ type Config struct {
 	// own). The connections its sockets open to enrolled pods (kubelet's probes) are not
 	// captured.
 	NodeNetns string
+	// HandshakeGrace: see DefaultHandshakeGrace (the default).
+	HandshakeGrace time.Duration
 	// Mark and MarkMask identify ztunnel's own sockets (SO_MARK), which are never captured
 	// (default 0x539/0xfff).
 	Mark, MarkMask uint32
@@ -91,6 +94,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.NodeNetns == "" {
 		c.NodeNetns = DefaultNodeNetns
+	}
+	if c.HandshakeGrace == 0 {
+		c.HandshakeGrace = DefaultHandshakeGrace
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -188,8 +194,9 @@ func (c *Capture) load() error {
 		return err
 	}
 	// Pins of maps an earlier agent used and nothing uses now: host_addrs (the node's
-	// addresses were exempt as sources), ztunnel_handshakes (now delivery_handshakes).
-	for _, old := range []string{"host_addrs", "ztunnel_handshakes"} {
+	// addresses were exempt as sources), ztunnel_handshakes and node_handshakes (now
+	// delivery_handshakes and probe_handshakes, whose values are states).
+	for _, old := range []string{"host_addrs", "ztunnel_handshakes", "node_handshakes"} {
 		if err := os.Remove(filepath.Join(c.pinDir, old)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("remove the pin of an old map: %w", err)
 		}

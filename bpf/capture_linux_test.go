@@ -4,11 +4,14 @@ package bpf
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -266,7 +269,7 @@ func TestInboundCapture(t *testing.T) {
 // application; traffic that only carries the node's address, forwarded and SNATed to it as
 // kube-proxy does for NodePort services, is captured.
 func TestNodeProbes(t *testing.T) {
-	f := newFixtureNode(t, Config{}, true)
+	f := newFixtureNode(t, Config{HandshakeGrace: time.Second}, true)
 	serveName(f.pod.listen(t, "0.0.0.0:8080"), "app")
 	inbound := f.pod.listen(t, "0.0.0.0:15006")
 	serveName(inbound, "inbound")
@@ -309,7 +312,7 @@ func TestNodeProbes(t *testing.T) {
 			t.Errorf("got %q, want prefix %q", got, app)
 		}
 		// Accepted, the connection's handshake is forgotten while it stays open.
-		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+		if n := countEntries(t, f.cap.sockops.ProbeHandshakes); n != 0 {
 			t.Errorf("%d handshakes still filed for an accepted connection", n)
 		}
 	})
@@ -334,7 +337,7 @@ func TestNodeProbes(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		time.Sleep(2500 * time.Millisecond)
+		time.Sleep(f.cfg.HandshakeGrace + 500*time.Millisecond)
 		run(t, f.pod.name, append([]string{"iptables", "-D"}, drop...)...)
 		if _, err := c.Write([]byte("x")); err != nil {
 			t.Fatal(err)
@@ -365,7 +368,7 @@ func TestNodeProbes(t *testing.T) {
 		if got := readLine(t, c); !strings.HasPrefix(got, "inbound "+peerIP+":41001") {
 			t.Errorf("got %q, want it captured from the rewritten port", got)
 		}
-		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+		if n := countEntries(t, f.cap.sockops.ProbeHandshakes); n != 0 {
 			t.Errorf("%d handshakes still filed for a connection whose SYN was never seen", n)
 		}
 	})
@@ -381,7 +384,7 @@ func TestNodeProbes(t *testing.T) {
 		}
 		// Filed handshakes are forgotten once established or failed: one left behind
 		// would let a later SYN with the same addresses and ports through.
-		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+		if n := countEntries(t, f.cap.sockops.ProbeHandshakes); n != 0 {
 			t.Errorf("%d handshakes of the node still filed", n)
 		}
 	})
@@ -412,7 +415,7 @@ func TestNodeProbes(t *testing.T) {
 		if got := greeting(f.peer.dial("tcp4", podIP+":8080", 0)); !strings.HasPrefix(got, app) {
 			t.Errorf("got %q, want the app", got)
 		}
-		if n := countEntries(t, f.cap.sockops.NodeHandshakes); n != 0 {
+		if n := countEntries(t, f.cap.sockops.ProbeHandshakes); n != 0 {
 			t.Errorf("%d handshakes filed for a pod no longer enrolled", n)
 		}
 	})
@@ -430,7 +433,7 @@ func TestFiledHandshakesAreForgotten(t *testing.T) {
 			t.Fatalf("%v: %v: %s", cmd.Args, err, out)
 		}
 	}
-	filed := func() int { return countEntries(t, f.cap.sockops.NodeHandshakes) }
+	filed := func() int { return countEntries(t, f.cap.sockops.ProbeHandshakes) }
 	// The pod drops bare SYNs to 8081, so the node's connections there stay in SYN_SENT.
 	inPod("-A", "INPUT", "-p", "tcp", "--dport", "8081", "--tcp-flags", "SYN,ACK", "SYN", "-j", "DROP")
 
@@ -612,6 +615,43 @@ func countEntries(t *testing.T, m *ebpf.Map) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// TestLoadOverOldPins: an agent upgraded in place finds pins of maps an earlier version
+// used and this one does not, in shapes this one cannot use; they must not stop it.
+func TestLoadOverOldPins(t *testing.T) {
+	testutil.RequireRoot(t)
+	cfg := Config{Instance: fmt.Sprintf("test-old%d", time.Now().UnixNano()%100000), NodeNetns: DefaultNodeNetns}
+	t.Cleanup(func() {
+		if err := Uninstall(cfg); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	if err := os.MkdirAll(cfg.PinDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	old := []string{"host_addrs", "ztunnel_handshakes", "node_handshakes"}
+	for _, name := range old {
+		m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 1, MaxEntries: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Pin(filepath.Join(cfg.PinDir(), name))
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	c, err := Load(cfg)
+	if err != nil {
+		t.Fatalf("load over old pins: %v", err)
+	}
+	defer c.Close()
+	for _, name := range old {
+		if _, err := os.Stat(filepath.Join(cfg.PinDir(), name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("old pin %s still there: %v", name, err)
+		}
+	}
 }
 
 func TestRestartKeepsCapture(t *testing.T) {

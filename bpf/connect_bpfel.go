@@ -43,8 +43,9 @@ type connectFlowKey struct {
 }
 
 type connectNodeConfig struct {
-	_     structs.HostLayout
-	Netns uint64
+	_                structs.HostLayout
+	Netns            uint64
+	HandshakeGraceNs uint64
 }
 
 type connectOrigDst struct {
@@ -97,11 +98,11 @@ const (
 	connectMapEnrolled            = "enrolled"
 	connectMapInboundListeners    = "inbound_listeners"
 	connectMapLocalHop            = "local_hop"
-	connectMapNodeHandshakes      = "node_handshakes"
 	connectMapOrigByCookie        = "orig_by_cookie"
 	connectMapOrigByTuple         = "orig_by_tuple"
 	connectMapPodAddrs            = "pod_addrs"
 	connectMapPodMetrics          = "pod_metrics"
+	connectMapProbeHandshakes     = "probe_handshakes"
 	connectMapSluiceConfig        = "sluice_config"
 	connectMapSluiceNode          = "sluice_node"
 	connectProgSluiceConnect4     = "sluice_connect4"
@@ -174,11 +175,11 @@ type connectMapSpecs struct {
 	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	ProbeHandshakes    *ebpf.MapSpec `ebpf:"probe_handshakes"`
 	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
 	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 }
@@ -213,11 +214,11 @@ type connectMaps struct {
 	Enrolled           *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop           *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	ProbeHandshakes    *ebpf.Map `ebpf:"probe_handshakes"`
 	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
 	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 }
@@ -228,11 +229,11 @@ func (m *connectMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
-		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,
 		m.PodMetrics,
+		m.ProbeHandshakes,
 		m.SluiceConfig,
 		m.SluiceNode,
 	)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/cilium/ebpf"
 )
@@ -13,6 +14,14 @@ import (
 // DefaultNodeNetns is the node's network namespace unless Config.NodeNetns says otherwise:
 // the agent's own.
 const DefaultNodeNetns = "/proc/self/ns/net"
+
+// DefaultHandshakeGrace is how long, after the connecting side is established, inbound
+// capture still lets through a segment of a connection it let through as a handshake (the
+// node's own, or ztunnel's delivery) that the pod has not accepted yet: that happens when
+// the application answered with a SYN cookie and the completing ACK was lost, as when its
+// accept queue is full. 10 s covers five retransmissions at TCP's initial 200 ms RTO. A
+// longer grace gives a stalled connection's 4-tuple longer to be used by someone else.
+const DefaultHandshakeGrace = 10 * time.Second
 
 // setNode tells the programs which network namespace is the node's: the connections its
 // sockets open to enrolled pods (kubelet's probes) are filed while they handshake, and
@@ -22,7 +31,8 @@ func (c *Capture) setNode() error {
 	if err != nil {
 		return fmt.Errorf("node network namespace %s: %w", c.cfg.NodeNetns, err)
 	}
-	if err := c.sockops.SluiceNode.Put(uint32(0), sockopsNodeConfig{Netns: cookie}); err != nil {
+	v := sockopsNodeConfig{Netns: cookie, HandshakeGraceNs: uint64(c.cfg.HandshakeGrace.Nanoseconds())}
+	if err := c.sockops.SluiceNode.Put(uint32(0), v); err != nil {
 		return fmt.Errorf("write node config: %w", err)
 	}
 	return nil
@@ -81,7 +91,7 @@ func (c *Capture) forgetHandshakesTo(addrs []sockopsAddr) error {
 		gone[a] = true
 	}
 	var errs []error
-	for _, m := range []*ebpf.Map{c.sockops.NodeHandshakes, c.sockops.DeliveryHandshakes} {
+	for _, m := range []*ebpf.Map{c.sockops.ProbeHandshakes, c.sockops.DeliveryHandshakes} {
 		var (
 			key   sockopsFlowKey
 			val   uint64

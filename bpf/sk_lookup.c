@@ -49,7 +49,7 @@ int sluice_sk_lookup(struct bpf_sk_lookup *ctx)
 					.remote_port = bpf_ntohs(ctx->remote_port)};
 
 		if (handshake_passes(&delivery_handshakes, &flow) ||
-		    handshake_passes(&node_handshakes, &flow))
+		    handshake_passes(&probe_handshakes, &flow))
 			return SK_PASS;
 	}
 

@@ -43,8 +43,9 @@ type sklookupFlowKey struct {
 }
 
 type sklookupNodeConfig struct {
-	_     structs.HostLayout
-	Netns uint64
+	_                structs.HostLayout
+	Netns            uint64
+	HandshakeGraceNs uint64
 }
 
 type sklookupOrigDst struct {
@@ -97,11 +98,11 @@ const (
 	sklookupMapEnrolled           = "enrolled"
 	sklookupMapInboundListeners   = "inbound_listeners"
 	sklookupMapLocalHop           = "local_hop"
-	sklookupMapNodeHandshakes     = "node_handshakes"
 	sklookupMapOrigByCookie       = "orig_by_cookie"
 	sklookupMapOrigByTuple        = "orig_by_tuple"
 	sklookupMapPodAddrs           = "pod_addrs"
 	sklookupMapPodMetrics         = "pod_metrics"
+	sklookupMapProbeHandshakes    = "probe_handshakes"
 	sklookupMapSluiceConfig       = "sluice_config"
 	sklookupMapSluiceNode         = "sluice_node"
 	sklookupProgSluiceSkLookup    = "sluice_sk_lookup"
@@ -160,11 +161,11 @@ type sklookupMapSpecs struct {
 	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	ProbeHandshakes    *ebpf.MapSpec `ebpf:"probe_handshakes"`
 	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
 	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 }
@@ -199,11 +200,11 @@ type sklookupMaps struct {
 	Enrolled           *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop           *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	ProbeHandshakes    *ebpf.Map `ebpf:"probe_handshakes"`
 	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
 	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 }
@@ -214,11 +215,11 @@ func (m *sklookupMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
-		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,
 		m.PodMetrics,
+		m.ProbeHandshakes,
 		m.SluiceConfig,
 		m.SluiceNode,
 	)

@@ -5,7 +5,8 @@
  * - Files the handshakes inbound capture (sk_lookup.c) must let through: ztunnel's own
  *   connections delivering to the application, and the node's own connections to pods
  *   enrolled on it (kubelet's probes), from connect until the pod accepts the connection
- *   or the connecting socket closes.
+ *   or the connecting socket closes (and, once it is established, not for long: see
+ *   HANDSHAKE_SEEN in common.h).
  * - Files the original destination of each captured connection under the client's local
  *   address, which is how the proxy's accepted socket finds it (sockopt.c).
  * - Counts, per pod and direction, connections opened and closed, bytes sent (acked) and
@@ -140,7 +141,7 @@ static __always_inline void *handshake_map(struct bpf_sock_ops *skops, struct fl
 	if (is_ztunnel_mark(cfg, sk->mark))
 		return *owner == netns ? &delivery_handshakes : NULL;
 	if (node && netns == node->netns)
-		return &node_handshakes;
+		return &probe_handshakes;
 	return NULL;
 }
 
@@ -162,7 +163,7 @@ static __always_inline void connecting(struct bpf_sock_ops *skops)
  * which may have changed since (the pod unenrolled, an older program filed it). */
 static __always_inline void forget_handshake(const struct flow_key *key)
 {
-	bpf_map_delete_elem(&node_handshakes, key);
+	bpf_map_delete_elem(&probe_handshakes, key);
 	bpf_map_delete_elem(&delivery_handshakes, key);
 }
 
@@ -192,15 +193,19 @@ static __always_inline void accepted(struct bpf_sock_ops *skops)
  * connection the pod never accepts must not keep its 4-tuple open to others. */
 static __always_inline void answered(struct bpf_sock_ops *skops)
 {
-	__u64 until = bpf_ktime_get_ns() + HANDSHAKE_GRACE_NS;
+	struct node_config *node = get_node_config();
 	struct flow_key key = {};
-	__u64 *state;
+	__u64 *state, until;
+
+	/* Without a node config nothing was filed as the node's, but deliveries were:
+	 * honour theirs a moment only. */
+	until = bpf_ktime_get_ns() + (node ? node->handshake_grace_ns : 0) + 2;
 
 	handshake_key(skops, &key);
-	state = bpf_map_lookup_elem(&node_handshakes, &key);
+	state = bpf_map_lookup_elem(&probe_handshakes, &key);
 	if (state) {
 		if (*state == HANDSHAKE_FILED)
-			bpf_map_delete_elem(&node_handshakes, &key);
+			bpf_map_delete_elem(&probe_handshakes, &key);
 		else
 			*state = until;
 	}

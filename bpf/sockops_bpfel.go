@@ -43,8 +43,9 @@ type sockopsFlowKey struct {
 }
 
 type sockopsNodeConfig struct {
-	_     structs.HostLayout
-	Netns uint64
+	_                structs.HostLayout
+	Netns            uint64
+	HandshakeGraceNs uint64
 }
 
 type sockopsOrigDst struct {
@@ -109,11 +110,11 @@ const (
 	sockopsMapEnrolled           = "enrolled"
 	sockopsMapInboundListeners   = "inbound_listeners"
 	sockopsMapLocalHop           = "local_hop"
-	sockopsMapNodeHandshakes     = "node_handshakes"
 	sockopsMapOrigByCookie       = "orig_by_cookie"
 	sockopsMapOrigByTuple        = "orig_by_tuple"
 	sockopsMapPodAddrs           = "pod_addrs"
 	sockopsMapPodMetrics         = "pod_metrics"
+	sockopsMapProbeHandshakes    = "probe_handshakes"
 	sockopsMapSluiceConfig       = "sluice_config"
 	sockopsMapSluiceNode         = "sluice_node"
 	sockopsMapSockState          = "sock_state"
@@ -173,11 +174,11 @@ type sockopsMapSpecs struct {
 	Enrolled           *ebpf.MapSpec `ebpf:"enrolled"`
 	InboundListeners   *ebpf.MapSpec `ebpf:"inbound_listeners"`
 	LocalHop           *ebpf.MapSpec `ebpf:"local_hop"`
-	NodeHandshakes     *ebpf.MapSpec `ebpf:"node_handshakes"`
 	OrigByCookie       *ebpf.MapSpec `ebpf:"orig_by_cookie"`
 	OrigByTuple        *ebpf.MapSpec `ebpf:"orig_by_tuple"`
 	PodAddrs           *ebpf.MapSpec `ebpf:"pod_addrs"`
 	PodMetrics         *ebpf.MapSpec `ebpf:"pod_metrics"`
+	ProbeHandshakes    *ebpf.MapSpec `ebpf:"probe_handshakes"`
 	SluiceConfig       *ebpf.MapSpec `ebpf:"sluice_config"`
 	SluiceNode         *ebpf.MapSpec `ebpf:"sluice_node"`
 	SockState          *ebpf.MapSpec `ebpf:"sock_state"`
@@ -213,11 +214,11 @@ type sockopsMaps struct {
 	Enrolled           *ebpf.Map `ebpf:"enrolled"`
 	InboundListeners   *ebpf.Map `ebpf:"inbound_listeners"`
 	LocalHop           *ebpf.Map `ebpf:"local_hop"`
-	NodeHandshakes     *ebpf.Map `ebpf:"node_handshakes"`
 	OrigByCookie       *ebpf.Map `ebpf:"orig_by_cookie"`
 	OrigByTuple        *ebpf.Map `ebpf:"orig_by_tuple"`
 	PodAddrs           *ebpf.Map `ebpf:"pod_addrs"`
 	PodMetrics         *ebpf.Map `ebpf:"pod_metrics"`
+	ProbeHandshakes    *ebpf.Map `ebpf:"probe_handshakes"`
 	SluiceConfig       *ebpf.Map `ebpf:"sluice_config"`
 	SluiceNode         *ebpf.Map `ebpf:"sluice_node"`
 	SockState          *ebpf.Map `ebpf:"sock_state"`
@@ -229,11 +230,11 @@ func (m *sockopsMaps) Close() error {
 		m.Enrolled,
 		m.InboundListeners,
 		m.LocalHop,
-		m.NodeHandshakes,
 		m.OrigByCookie,
 		m.OrigByTuple,
 		m.PodAddrs,
 		m.PodMetrics,
+		m.ProbeHandshakes,
 		m.SluiceConfig,
 		m.SluiceNode,
 		m.SockState,

@@ -132,7 +132,8 @@ struct {
 /* The node's network namespace: connections its own sockets open to the pods enrolled
  * on it (kubelet's probes) reach them past inbound capture. */
 struct node_config {
-	__u64 netns; /* cookie of the node's network namespace; 0 until set */
+	__u64 netns;              /* cookie of the node's network namespace; 0 until set */
+	__u64 handshake_grace_ns; /* see HANDSHAKE_SEEN */
 };
 
 struct {
@@ -181,12 +182,14 @@ struct {
  * application of the pod it is connecting in (from the client's address), and the node's
  * own connections to enrolled pods (kubelet's probes). Keyed as sk_lookup in the pod sees
  * the connection; the value is its state (HANDSHAKE_*). An entry lives from connect until
- * the pod accepts the connection or the connecting socket closes. */
+ * the pod accepts the connection or the connecting socket closes; once the connecting side
+ * is established, it is dropped if its SYN never reached the pod as filed, and otherwise
+ * honoured for node_config's handshake_grace_ns more. */
 #define HANDSHAKE_FILED 0 /* filed; no SYN of it has reached the pod's sk_lookup yet */
 #define HANDSHAKE_SEEN 1  /* sk_lookup let its SYN through */
 /* Any larger value: the connecting side is established, and the entry is honoured until
- * this time (bpf_ktime_get_ns), for an ACK that completes a SYN cookie. */
-#define HANDSHAKE_GRACE_NS 2000000000ULL
+ * this time (bpf_ktime_get_ns), for an ACK that completes a SYN cookie: node_config's
+ * handshake_grace_ns after the connecting side was established (bpf.Config.HandshakeGrace). */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -202,7 +205,7 @@ struct {
 	__type(key, struct flow_key);
 	__type(value, __u64);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} node_handshakes SEC(".maps");
+} probe_handshakes SEC(".maps");
 
 /* handshake_passes says whether sk_lookup lets a connection through as a filed
  * handshake of map, and records that its SYN was seen. */

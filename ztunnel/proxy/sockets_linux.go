@@ -27,8 +27,8 @@ import (
 // loopback, which is what makes delivering with the client's own source address work.
 const (
 	SocketMark   = 0x539
-	deliveryMark = bpf.DeliveryMarkBit | SocketMark
-	deliveryBit  = 0x1000
+	deliveryBit  = bpf.DeliveryMarkBit
+	deliveryMark = deliveryBit | SocketMark
 	// deliveryTable is the routing table holding "local default dev lo".
 	deliveryTable = 15006
 )
