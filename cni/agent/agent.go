@@ -336,7 +336,9 @@ func (a *Agent) unenrollLocked(rec *record) error {
 	if rec.Cookie == 0 {
 		return nil
 	}
-	errs := []error{a.zds.Delete(rec.UID), a.capture.Unenroll(rec.Cookie)}
+	// Capture goes first: while ztunnel still serves the pod, its new connections go
+	// direct at once, instead of meeting ztunnel's closed listeners in between.
+	errs := []error{a.capture.Unenroll(rec.Cookie), a.zds.Delete(rec.UID)}
 	a.log.Info("pod unenrolled", "pod", rec.key(), "cookie", rec.Cookie)
 	rec.Cookie = 0
 	errs = append(errs, a.records.save(rec))
