@@ -171,6 +171,9 @@ func (c *Capture) load() error {
 			return fmt.Errorf("create pin directory (is bpffs mounted at %s?): %w", cfg.PinRoot, err)
 		}
 	}
+	if err := c.replaceStalePins(); err != nil {
+		return err
+	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: c.pinDir}}
 	loaders := []struct {
 		name string
@@ -218,6 +221,44 @@ func (c *Capture) load() error {
 	// Pods enrolled by an earlier agent keep their pinned sk_lookup links; give them the
 	// program just loaded.
 	return c.updateNetnsLinks()
+}
+
+// transientMaps hold nothing a running pod depends on across an agent restart: Load
+// rewrites the configuration, and a lost handshake entry only makes that handshake
+// captured (it fails closed).
+var transientMaps = map[string]bool{"sluice_config": true, "sluice_node": true, "delivery_handshakes": true, "probe_handshakes": true}
+
+// replaceStalePins removes the pin of a transient map an earlier agent left in a shape
+// this one's programs cannot use (a field added to its value, say), so that loading makes
+// it afresh instead of failing. A stateful map in an old shape still fails the load.
+func (c *Capture) replaceStalePins() error {
+	specs := []func() (*ebpf.CollectionSpec, error){loadConnect, loadSockopt, loadSockops, loadSklookup, loadSkmsg}
+	var errs []error
+	for _, load := range specs {
+		spec, err := load()
+		if err != nil {
+			return err
+		}
+		for name, ms := range spec.Maps {
+			if !transientMaps[name] {
+				continue
+			}
+			pin := filepath.Join(c.pinDir, name)
+			m, err := ebpf.LoadPinnedMap(pin, nil)
+			if err != nil {
+				continue // none, or not a map we can read: loading reports it
+			}
+			incompatible := ms.Compatible(m) != nil
+			m.Close()
+			if incompatible {
+				c.log.Info("replacing a map pinned in an older shape", "map", name)
+				if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+					errs = append(errs, fmt.Errorf("remove stale pin %s: %w", pin, err))
+				}
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (c *Capture) linkDir() string  { return filepath.Join(c.pinDir, "links") }

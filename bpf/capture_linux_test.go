@@ -642,11 +642,24 @@ func TestLoadOverOldPins(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A map still in use whose value an earlier version had narrower.
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 40, ValueSize: 1, MaxEntries: 65536})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = m.Pin(filepath.Join(cfg.PinDir(), "probe_handshakes"))
+	m.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
 	c, err := Load(cfg)
 	if err != nil {
 		t.Fatalf("load over old pins: %v", err)
 	}
 	defer c.Close()
+	if info, err := c.sockops.ProbeHandshakes.Info(); err != nil || info.ValueSize != 8 {
+		t.Errorf("probe_handshakes = %+v, %v; want it made afresh with 8-byte values", info, err)
+	}
 	for _, name := range old {
 		if _, err := os.Stat(filepath.Join(cfg.PinDir(), name)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("old pin %s still there: %v", name, err)
