@@ -98,6 +98,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.HandshakeGrace == 0 {
 		c.HandshakeGrace = DefaultHandshakeGrace
 	}
+	if c.HandshakeGrace < 0 || c.HandshakeGrace > time.Minute {
+		return c, fmt.Errorf("capture: HandshakeGrace %v: want more than 0 and at most a minute (default %v)", c.HandshakeGrace, DefaultHandshakeGrace)
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -204,10 +207,13 @@ func (c *Capture) load() error {
 			return fmt.Errorf("remove the pin of an old map: %w", err)
 		}
 	}
+	// Pods enrolled by an earlier agent keep their pinned sk_lookup links; give them the
+	// program just loaded, then swap the cgroup programs: while programs of both
+	// versions run, they may read different maps (a transient one replaced above),
+	// which captures a handshake at worst. Nothing may stop the load between the two.
+	errs := []error{c.updateNetnsLinks()}
 	for _, a := range c.cgroupAttachments() {
-		if err := c.attachCgroup(a); err != nil {
-			return err
-		}
+		errs = append(errs, c.attachCgroup(a))
 	}
 	// sk_msg is attached to the local_hop map itself; attaching again replaces the
 	// program in place. Sockets only enter local_hop when Accelerate is on.
@@ -216,11 +222,9 @@ func (c *Capture) load() error {
 		Program: c.skmsg.SluiceSkMsg,
 		Attach:  ebpf.AttachSkMsgVerdict,
 	}); err != nil {
-		return fmt.Errorf("attach sk_msg to local_hop: %w", err)
+		errs = append(errs, fmt.Errorf("attach sk_msg to local_hop: %w", err))
 	}
-	// Pods enrolled by an earlier agent keep their pinned sk_lookup links; give them the
-	// program just loaded.
-	return c.updateNetnsLinks()
+	return errors.Join(errs...)
 }
 
 // transientMaps hold nothing a running pod depends on across an agent restart: Load
@@ -230,32 +234,38 @@ var transientMaps = map[string]bool{"sluice_config": true, "sluice_node": true, 
 
 // replaceStalePins removes the pin of a transient map an earlier agent left in a shape
 // this one's programs cannot use (a field added to its value, say), so that loading makes
-// it afresh instead of failing. A stateful map in an old shape still fails the load.
+// it afresh instead of failing. A stateful map in an old shape fails the load before any
+// pin is touched. (An older agent cannot load over the new shapes: rolling back needs
+// `sluice-agent --uninstall` first, which unpins everything.)
 func (c *Capture) replaceStalePins() error {
 	specs := []func() (*ebpf.CollectionSpec, error){loadConnect, loadSockopt, loadSockops, loadSklookup, loadSkmsg}
-	var errs []error
+	stale := map[string]bool{}
 	for _, load := range specs {
 		spec, err := load()
 		if err != nil {
 			return err
 		}
 		for name, ms := range spec.Maps {
-			if !transientMaps[name] {
-				continue
-			}
-			pin := filepath.Join(c.pinDir, name)
-			m, err := ebpf.LoadPinnedMap(pin, nil)
+			m, err := ebpf.LoadPinnedMap(filepath.Join(c.pinDir, name), nil)
 			if err != nil {
 				continue // none, or not a map we can read: loading reports it
 			}
-			incompatible := ms.Compatible(m) != nil
+			err = ms.Compatible(m)
 			m.Close()
-			if incompatible {
-				c.log.Info("replacing a map pinned in an older shape", "map", name)
-				if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
-					errs = append(errs, fmt.Errorf("remove stale pin %s: %w", pin, err))
-				}
+			switch {
+			case err == nil:
+			case transientMaps[name]:
+				stale[name] = true
+			default:
+				return fmt.Errorf("map %s pinned by an earlier agent cannot be reused (%w); uninstall capture (sluice-agent --uninstall) and start again", name, err)
 			}
+		}
+	}
+	var errs []error
+	for name := range stale {
+		c.log.Info("replacing a map pinned in an older shape", "map", name)
+		if err := os.Remove(filepath.Join(c.pinDir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("remove stale pin of %s: %w", name, err))
 		}
 	}
 	return errors.Join(errs...)

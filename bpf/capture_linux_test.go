@@ -642,15 +642,20 @@ func TestLoadOverOldPins(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// A map still in use whose value an earlier version had narrower.
-	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 40, ValueSize: 1, MaxEntries: 65536})
-	if err != nil {
-		t.Fatal(err)
-	}
-	err = m.Pin(filepath.Join(cfg.PinDir(), "probe_handshakes"))
-	m.Close()
-	if err != nil {
-		t.Fatal(err)
+	// Maps still in use whose values an earlier version had narrower.
+	for name, spec := range map[string]*ebpf.MapSpec{
+		"probe_handshakes": {Type: ebpf.LRUHash, KeySize: 40, ValueSize: 1, MaxEntries: 65536},
+		"sluice_node":      {Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1},
+	} {
+		m, err := ebpf.NewMap(spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = m.Pin(filepath.Join(cfg.PinDir(), name))
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 	c, err := Load(cfg)
 	if err != nil {
@@ -659,6 +664,33 @@ func TestLoadOverOldPins(t *testing.T) {
 	defer c.Close()
 	if info, err := c.sockops.ProbeHandshakes.Info(); err != nil || info.ValueSize != 8 {
 		t.Errorf("probe_handshakes = %+v, %v; want it made afresh with 8-byte values", info, err)
+	}
+	if info, err := c.sockops.SluiceNode.Info(); err != nil || info.ValueSize != 16 {
+		t.Errorf("sluice_node = %+v, %v; want it made afresh with 16-byte values", info, err)
+	}
+	c.Close()
+
+	// A stateful map in an old shape is not thrown away: the load fails, naming it.
+	if err := Uninstall(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(cfg.PinDir(), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 16, ValueSize: 4, MaxEntries: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = m.Pin(filepath.Join(cfg.PinDir(), "pod_addrs"))
+	m.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, err := Load(cfg); err == nil {
+		c.Close()
+		t.Error("loaded over a pod_addrs pinned in another shape")
+	} else if !strings.Contains(err.Error(), "pod_addrs") {
+		t.Errorf("load error %q does not name the map", err)
 	}
 	for _, name := range old {
 		if _, err := os.Stat(filepath.Join(cfg.PinDir(), name)); !errors.Is(err, os.ErrNotExist) {
