@@ -185,6 +185,20 @@ static __always_inline void accepted(struct bpf_sock_ops *skops)
 	forget_handshake(&key);
 }
 
+/* answer updates the connection's entry in map, if any, for answered(). */
+static __always_inline void answer(void *map, const struct flow_key *key, __u64 until)
+{
+	__u64 *state = bpf_map_lookup_elem(map, key);
+
+	if (!state)
+		return;
+	/* Atomic against sk_lookup on another CPU marking the entry SEEN. */
+	if (__sync_val_compare_and_swap(state, HANDSHAKE_FILED, HANDSHAKE_DROPPED) == HANDSHAKE_FILED)
+		bpf_map_delete_elem(map, key);
+	else
+		__sync_val_compare_and_swap(state, HANDSHAKE_SEEN, until);
+}
+
 /* answered is the connecting socket leaving SYN_SENT for a state other than CLOSE
  * (established, or SYN_RECV in a simultaneous open). A handshake whose SYN never reached
  * the pod as filed (conntrack rewrote its source port, or the other side's SYN crossed
@@ -195,27 +209,14 @@ static __always_inline void answered(struct bpf_sock_ops *skops)
 {
 	struct node_config *node = get_node_config();
 	struct flow_key key = {};
-	__u64 *state, until;
+	__u64 until;
 
 	/* Without a node config nothing was filed as the node's, but deliveries were:
 	 * honour theirs a moment only. */
-	until = bpf_ktime_get_ns() + (node ? node->handshake_grace_ns : 0) + 2;
-
+	until = bpf_ktime_get_ns() + (node ? node->handshake_grace_ns : 0) + HANDSHAKE_DROPPED + 1;
 	handshake_key(skops, &key);
-	state = bpf_map_lookup_elem(&probe_handshakes, &key);
-	if (state) {
-		if (*state == HANDSHAKE_FILED)
-			bpf_map_delete_elem(&probe_handshakes, &key);
-		else
-			*state = until;
-	}
-	state = bpf_map_lookup_elem(&delivery_handshakes, &key);
-	if (state) {
-		if (*state == HANDSHAKE_FILED)
-			bpf_map_delete_elem(&delivery_handshakes, &key);
-		else
-			*state = until;
-	}
+	answer(&probe_handshakes, &key, until);
+	answer(&delivery_handshakes, &key, until);
 }
 
 /* closed forgets the handshake of a connecting socket that closes, whichever way

@@ -187,6 +187,7 @@ struct {
  * honoured for node_config's handshake_grace_ns more. */
 #define HANDSHAKE_FILED 0 /* filed; no SYN of it has reached the pod's sk_lookup yet */
 #define HANDSHAKE_SEEN 1  /* sk_lookup let its SYN through */
+#define HANDSHAKE_DROPPED 2 /* being forgotten: never honoured again (any deadline is later) */
 /* Any larger value: the connecting side is established, and the entry is honoured until
  * this time (bpf_ktime_get_ns), for an ACK that completes a SYN cookie: node_config's
  * handshake_grace_ns after the connecting side was established (bpf.Config.HandshakeGrace). */
@@ -213,13 +214,16 @@ static __always_inline int handshake_passes(void *map, const struct flow_key *fl
 {
 	__u64 *state = bpf_map_lookup_elem(map, flow);
 
+	__u64 now;
+
 	if (!state)
 		return 0;
-	if (*state == HANDSHAKE_FILED) {
-		*state = HANDSHAKE_SEEN;
+	/* Atomic against sockops' answered() on another CPU: only a FILED entry becomes
+	 * SEEN, so a deadline (or a drop) is never overwritten. */
+	if (__sync_val_compare_and_swap(state, HANDSHAKE_FILED, HANDSHAKE_SEEN) == HANDSHAKE_FILED)
 		return 1;
-	}
-	return *state == HANDSHAKE_SEEN || bpf_ktime_get_ns() < *state;
+	now = *state;
+	return now == HANDSHAKE_SEEN || bpf_ktime_get_ns() < now;
 }
 
 static __always_inline struct config *get_config(void)
