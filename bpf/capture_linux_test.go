@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -515,15 +514,7 @@ func TestFiledHandshakesAreForgotten(t *testing.T) {
 		testutil.WaitFor(t, 2*time.Second, "the node's handshake to be filed", func() bool { return filed() == 1 })
 		err := f.pod.do(func() error {
 			d := net.Dialer{Timeout: 3 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(podIP), Port: podPort},
-				Control: func(_, _ string, rc syscall.RawConn) error {
-					var serr error
-					if err := rc.Control(func(fd uintptr) {
-						serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, DefaultMark)
-					}); err != nil {
-						return err
-					}
-					return serr
-				}}
+				Control: withMark(DefaultMark)}
 			c, err := d.Dial("tcp4", net.JoinHostPort(peerIP, strconv.Itoa(nodePort)))
 			if err == nil {
 				c.Close()
@@ -847,15 +838,7 @@ func TestInboundMetricsCountDeliveries(t *testing.T) {
 	// (with the original destination port), is not the application's.
 	var inbound net.Listener
 	err := f.pod.do(func() (err error) {
-		lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
-			var serr error
-			if err := rc.Control(func(fd uintptr) {
-				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, DefaultMark)
-			}); err != nil {
-				return err
-			}
-			return serr
-		}}
+		lc := net.ListenConfig{Control: withMark(DefaultMark)}
 		lc.SetMultipathTCP(false)
 		inbound, err = lc.Listen(context.Background(), "tcp", "0.0.0.0:15006")
 		return err

@@ -149,6 +149,19 @@ func (n *testNS) dialTimeout(network, addr string, timeout time.Duration) (net.C
 	return c, err
 }
 
+// withMark is a dialer's or listener's Control that sets SO_MARK.
+func withMark(mark int) func(string, string, syscall.RawConn) error {
+	return func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		if err := rc.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}
+}
+
 func (n *testNS) dial(network, addr string, mark int) (net.Conn, error) {
 	var c net.Conn
 	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is4In6() {
@@ -157,16 +170,7 @@ func (n *testNS) dial(network, addr string, mark int) (net.Conn, error) {
 	err := n.do(func() (err error) {
 		d := net.Dialer{Timeout: 2 * time.Second}
 		if mark != 0 {
-			d.Control = func(_, _ string, rc syscall.RawConn) error {
-				var serr error
-				err := rc.Control(func(fd uintptr) {
-					serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
-				})
-				if err != nil {
-					return err
-				}
-				return serr
-			}
+			d.Control = withMark(mark)
 		}
 		c, err = d.DialContext(context.Background(), network, addr)
 		return err
