@@ -174,23 +174,31 @@ func (c *Capture) load() error {
 			return fmt.Errorf("create pin directory (is bpffs mounted at %s?): %w", cfg.PinRoot, err)
 		}
 	}
-	if err := c.replaceStalePins(); err != nil {
+	objects := []struct {
+		name string
+		spec func() (*ebpf.CollectionSpec, error)
+		into any
+	}{
+		{"connect", loadConnect, &c.connect},
+		{"sockopt", loadSockopt, &c.sockopt},
+		{"sockops", loadSockops, &c.sockops},
+		{"sk_lookup", loadSklookup, &c.sklookup},
+		{"sk_msg", loadSkmsg, &c.skmsg},
+	}
+	specs := make([]*ebpf.CollectionSpec, len(objects))
+	for i, o := range objects {
+		var err error
+		if specs[i], err = o.spec(); err != nil {
+			return fmt.Errorf("read %s programs: %w", o.name, err)
+		}
+	}
+	if err := c.replaceStalePins(specs); err != nil {
 		return err
 	}
 	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: c.pinDir}}
-	loaders := []struct {
-		name string
-		load func() error
-	}{
-		{"connect", func() error { return loadConnectObjects(&c.connect, opts) }},
-		{"sockopt", func() error { return loadSockoptObjects(&c.sockopt, opts) }},
-		{"sockops", func() error { return loadSockopsObjects(&c.sockops, opts) }},
-		{"sk_lookup", func() error { return loadSklookupObjects(&c.sklookup, opts) }},
-		{"sk_msg", func() error { return loadSkmsgObjects(&c.skmsg, opts) }},
-	}
-	for _, l := range loaders {
-		if err := l.load(); err != nil {
-			return fmt.Errorf("load %s programs: %w", l.name, verifierError(err))
+	for i, o := range objects {
+		if err := specs[i].LoadAndAssign(o.into, opts); err != nil {
+			return fmt.Errorf("load %s programs: %w", o.name, verifierError(err))
 		}
 	}
 	if err := c.writeConfig(); err != nil {
@@ -237,14 +245,9 @@ var transientMaps = map[string]bool{"sluice_config": true, "sluice_node": true, 
 // it afresh instead of failing. A stateful map in an old shape fails the load before any
 // pin is touched. (An older agent cannot load over the new shapes: rolling back needs
 // `sluice-agent --uninstall` first, which unpins everything.)
-func (c *Capture) replaceStalePins() error {
-	specs := []func() (*ebpf.CollectionSpec, error){loadConnect, loadSockopt, loadSockops, loadSklookup, loadSkmsg}
+func (c *Capture) replaceStalePins(specs []*ebpf.CollectionSpec) error {
 	stale := map[string]bool{}
-	for _, load := range specs {
-		spec, err := load()
-		if err != nil {
-			return err
-		}
+	for _, spec := range specs {
 		for name, ms := range spec.Maps {
 			m, err := ebpf.LoadPinnedMap(filepath.Join(c.pinDir, name), nil)
 			if err != nil {

@@ -20,8 +20,8 @@ import (
 // cookie joins the enrolled map (outbound) and sk_lookup is attached to the namespace
 // (inbound). addrs are the pod's addresses: inbound capture lets the node's own
 // connections to them (kubelet's probes) through. Enrolling an enrolled namespace again
-// only updates its addresses. It returns the cookie, which names
-// the pod's capture from then on.
+// only updates its addresses. It returns the cookie, which names the pod's capture from
+// then on.
 func (c *Capture) Enroll(netnsPath string, addrs []netip.Addr) (uint64, error) {
 	ns, err := os.Open(netnsPath)
 	if err != nil {

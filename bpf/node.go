@@ -56,27 +56,13 @@ func (c *Capture) putPodAddrs(cookie uint64, addrs []netip.Addr) error {
 // deletePodAddrs forgets the addresses recorded for the pod with netns cookie, except
 // those in keep, and returns the ones it forgot.
 func (c *Capture) deletePodAddrs(cookie uint64, keep map[sockopsAddr]bool) ([]sockopsAddr, error) {
-	var (
-		key   sockopsAddr
-		owner uint64
-		stale []sockopsAddr
-	)
-	it := c.sockops.PodAddrs.Iterate()
-	for it.Next(&key, &owner) {
-		if owner == cookie && !keep[key] {
-			stale = append(stale, key)
-		}
+	gone, err := deleteWhere(c.sockops.PodAddrs, func(a sockopsAddr, owner uint64) bool {
+		return owner == cookie && !keep[a]
+	})
+	if err != nil {
+		return gone, fmt.Errorf("forget pod addresses: %w", err)
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list pod addresses: %w", err)
-	}
-	var errs []error
-	for _, k := range stale {
-		if err := c.sockops.PodAddrs.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, fmt.Errorf("forget pod address: %w", err))
-		}
-	}
-	return stale, errors.Join(errs...)
+	return gone, nil
 }
 
 // forgetHandshakesTo drops the filed handshakes (the node's and ztunnel's) to any of
@@ -92,25 +78,36 @@ func (c *Capture) forgetHandshakesTo(addrs []sockopsAddr) error {
 	}
 	var errs []error
 	for _, m := range []*ebpf.Map{c.sockops.ProbeHandshakes, c.sockops.DeliveryHandshakes} {
-		var (
-			key   sockopsFlowKey
-			val   uint64
-			stale []sockopsFlowKey
-		)
-		it := m.Iterate()
-		for it.Next(&key, &val) {
-			if gone[key.Local] {
-				stale = append(stale, key)
-			}
-		}
-		if err := it.Err(); err != nil {
-			errs = append(errs, fmt.Errorf("list filed handshakes: %w", err))
-		}
-		for _, k := range stale {
-			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				errs = append(errs, fmt.Errorf("forget filed handshake: %w", err))
-			}
+		_, err := deleteWhere(m, func(k sockopsFlowKey, _ uint64) bool { return gone[k.Local] })
+		if err != nil {
+			errs = append(errs, fmt.Errorf("forget filed handshakes: %w", err))
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// deleteWhere deletes the entries of m that match, and returns their keys. An entry gone
+// meanwhile is not an error.
+func deleteWhere[K comparable, V any](m *ebpf.Map, match func(K, V) bool) ([]K, error) {
+	var (
+		key  K
+		val  V
+		gone []K
+	)
+	it := m.Iterate()
+	for it.Next(&key, &val) {
+		if match(key, val) {
+			gone = append(gone, key)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list entries: %w", err)
+	}
+	var errs []error
+	for _, k := range gone {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return gone, errors.Join(errs...)
 }

@@ -184,7 +184,8 @@ struct {
  * the connection; the value is its state (HANDSHAKE_*). An entry lives from connect until
  * the pod accepts the connection or the connecting socket closes; once the connecting side
  * is established, it is dropped if its SYN never reached the pod as filed, and otherwise
- * honoured for node_config's handshake_grace_ns more. */
+ * honoured for node_config's handshake_grace_ns more. Two maps of one shape, so that a
+ * flood of one kind (deliveries churned by a pod) cannot evict the other's entries. */
 #define HANDSHAKE_FILED 0 /* filed; no SYN of it has reached the pod's sk_lookup yet */
 #define HANDSHAKE_SEEN 1  /* sk_lookup let its SYN through */
 #define HANDSHAKE_DROPPED 2 /* being forgotten: never honoured again (any deadline is later) */
@@ -213,8 +214,7 @@ struct {
 static __always_inline int handshake_passes(void *map, const struct flow_key *flow)
 {
 	__u64 *state = bpf_map_lookup_elem(map, flow);
-
-	__u64 now;
+	__u64 seen;
 
 	if (!state)
 		return 0;
@@ -222,8 +222,8 @@ static __always_inline int handshake_passes(void *map, const struct flow_key *fl
 	 * SEEN, so a deadline (or a drop) is never overwritten. */
 	if (__sync_val_compare_and_swap(state, HANDSHAKE_FILED, HANDSHAKE_SEEN) == HANDSHAKE_FILED)
 		return 1;
-	now = *state;
-	return now == HANDSHAKE_SEEN || bpf_ktime_get_ns() < now;
+	seen = *state;
+	return seen == HANDSHAKE_SEEN || bpf_ktime_get_ns() < seen;
 }
 
 static __always_inline struct config *get_config(void)

@@ -26,7 +26,7 @@ import (
 // rule sends its replies (addressed to the client, who is not here) back to ztunnel over
 // loopback, which is what makes delivering with the client's own source address work.
 const (
-	SocketMark   = 0x539
+	SocketMark   = bpf.DefaultMark
 	deliveryBit  = bpf.DeliveryMarkBit
 	deliveryMark = deliveryBit | SocketMark
 	// deliveryTable is the routing table holding "local default dev lo".
